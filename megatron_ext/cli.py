@@ -1,0 +1,43 @@
+"""`megatron-ext` command line: a thin dispatcher; each subcommand lives next to its logic.
+
+A subcommand module exposes `add_arguments(parser)` and `run(args) -> int`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from megatron_ext.errors import UserError
+
+# name -> (module, one-line help). Modules are imported only when their command runs.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "preprocess": ("megatron_ext.data.preprocess_cli", "tokenize corpora into .bin/.idx datasets"),
+    "train-tokenizer": ("megatron_ext.data.tokenizer_training", "train a BPE or unigram tokenizer"),
+    "merge-datasets": ("megatron_ext.data.merge_cli", "concatenate indexed datasets"),
+    "inspect": ("megatron_ext.data.inspect_cli", "summarise or decode an indexed dataset"),
+    "quickstart": ("megatron_ext.quickstart", "run the whole pipeline on the bundled sample"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="megatron-ext")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        sp.set_defaults(_module=module)
+        # Import only the module of the command being run (fast start, no torch for data tools).
+        if argv and argv[0] == name:
+            importlib.import_module(module).add_arguments(sp)
+    args = parser.parse_args(argv)
+    module = importlib.import_module(args._module)
+    try:
+        return int(module.run(args) or 0)
+    except UserError as exc:
+        print(f"megatron-ext {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"megatron-ext {args.command}: interrupted", file=sys.stderr)
+        return 130
