@@ -26,7 +26,9 @@ def get_logger(name: str) -> logging.Logger:
         handler = logging.StreamHandler(sys.stderr)
         rank = global_rank()
         prefix = f"[rank {rank}] " if rank else ""
-        handler.setFormatter(logging.Formatter(f"%(asctime)s {prefix}%(levelname)s %(message)s", "%H:%M:%S"))
+        handler.setFormatter(
+            logging.Formatter(f"%(asctime)s {prefix}%(levelname)s %(message)s", "%H:%M:%S")
+        )
         root.addHandler(handler)
         root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
         root.propagate = False

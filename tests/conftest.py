@@ -21,3 +21,34 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# Finnish sample corpus and tokenizers trained on it (once per session; about 2 s together).
+SAMPLE_VOCAB_SIZE = 2000
+
+
+@pytest.fixture(scope="session")
+def fi_sample_path():
+    """The bundled Finnish corpus, megatron_ext/assets/fi_gimp_sample.jsonl.gz (201 docs)."""
+    from megatron_ext.data.html_corpus import sample_corpus_path
+
+    return sample_corpus_path()
+
+
+def _trained_tokenizer(tmp_path_factory, sample, kind: str):
+    from megatron_ext.data.tokenizer_training import train_tokenizer
+
+    out = tmp_path_factory.mktemp(f"{kind}_tokenizer") / "tokenizer"
+    return train_tokenizer([sample], SAMPLE_VOCAB_SIZE, out, kind, show_progress=False)
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer_dir(tmp_path_factory, fi_sample_path):
+    """Byte-level BPE (vocab 2000; <unk>=0 <s>=1 </s>=2 <pad>=3) trained on the sample."""
+    return _trained_tokenizer(tmp_path_factory, fi_sample_path, "bpe")
+
+
+@pytest.fixture(scope="session")
+def unigram_tokenizer_dir(tmp_path_factory, fi_sample_path):
+    """SentencePiece unigram (vocab 2000; <unk>=0 <s>=1 </s>=2 <pad>=3) trained on the sample."""
+    return _trained_tokenizer(tmp_path_factory, fi_sample_path, "unigram")

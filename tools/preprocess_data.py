@@ -20,11 +20,18 @@ from pathlib import Path
 from megatron_ext.data.preprocess import PreprocessConfig, preprocess
 from megatron_ext.errors import UserError
 
-SUPPORTED = ("HuggingFaceTokenizer", "SentencePieceTokenizer", "GPTSentencePieceTokenizer", "GPT2BPETokenizer")
+SUPPORTED = (
+    "HuggingFaceTokenizer",
+    "SentencePieceTokenizer",
+    "GPTSentencePieceTokenizer",
+    "GPT2BPETokenizer",
+)
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--input", required=True, nargs="+")
     p.add_argument("--output-prefix", required=True)
     p.add_argument("--json-keys", nargs="+", default=["text"])
@@ -35,8 +42,12 @@ def parse_args(argv):
     p.add_argument("--append-eod", action="store_true")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--split-sentences", action="store_true")
-    p.add_argument("--partitions", type=int, default=1, help="accepted; work is chunked automatically")
-    p.add_argument("--log-interval", type=int, default=1000, help="accepted; a progress bar is shown")
+    p.add_argument(
+        "--partitions", type=int, default=1, help="accepted; work is chunked automatically"
+    )
+    p.add_argument(
+        "--log-interval", type=int, default=1000, help="accepted; a progress bar is shown"
+    )
     return p.parse_args(argv)
 
 
@@ -65,9 +76,16 @@ def main(argv=None) -> int:
                 tokenizer = args.tokenizer_model
             for key in args.json_keys:
                 prefix = f"{args.output_prefix}_{key}_document"
-                summary = preprocess(PreprocessConfig(
-                    inputs=args.input, output_prefix=prefix, tokenizer=tokenizer, json_key=key,
-                    workers=args.workers, append_eod=args.append_eod))
+                summary = preprocess(
+                    PreprocessConfig(
+                        inputs=args.input,
+                        output_prefix=prefix,
+                        tokenizer=tokenizer,
+                        json_key=key,
+                        workers=args.workers,
+                        append_eod=args.append_eod,
+                    )
+                )
                 if summary is not None:
                     print(f"{prefix}:\n{summary.format()}")
     except UserError as exc:

@@ -35,7 +35,9 @@ CODE_OF_DTYPE = {dt: code for code, dt in DTYPE_CODES.items()}
 
 def optimal_dtype(vocab_size: int | None) -> np.dtype:
     """uint16 below 65,500 tokens (as megatron-core decides), else int32."""
-    return np.dtype(np.uint16) if vocab_size is not None and vocab_size < 65500 else np.dtype(np.int32)
+    return (
+        np.dtype(np.uint16) if vocab_size is not None and vocab_size < 65500 else np.dtype(np.int32)
+    )
 
 
 def data_file_path(prefix: str | os.PathLike) -> str:
@@ -80,7 +82,9 @@ class IndexedDatasetBuilder:
 
     def add_document(self, tokens, lengths) -> None:
         """megatron-core's API: one document made of sequences of the given lengths."""
-        self._writer.add_document(np.asarray(tokens, dtype=self.dtype), np.asarray(lengths, dtype=np.int64))
+        self._writer.add_document(
+            np.asarray(tokens, dtype=self.dtype), np.asarray(lengths, dtype=np.int64)
+        )
 
     def add_item(self, tokens) -> None:
         arr = np.asarray(tokens, dtype=self.dtype)
@@ -119,7 +123,7 @@ class IndexedDatasetBuilder:
                 os.remove(path)
         self._done = True
 
-    def __enter__(self) -> "IndexedDatasetBuilder":
+    def __enter__(self) -> IndexedDatasetBuilder:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -175,7 +179,9 @@ class IndexedDataset:
         self.dtype = header.dtype
         n, d = header.num_sequences, header.num_doc_indices
         offset = HEADER_SIZE
-        self._idx = np.memmap(idx_path, mode="r", dtype=np.uint8) if os.path.getsize(idx_path) else None
+        self._idx = (
+            np.memmap(idx_path, mode="r", dtype=np.uint8) if os.path.getsize(idx_path) else None
+        )
         raw = self._idx if self._idx is not None else np.zeros(0, np.uint8)
         self.sequence_lengths = raw[offset : offset + 4 * n].view(np.int32)
         offset += 4 * n
@@ -184,13 +190,17 @@ class IndexedDataset:
         self.document_indices = raw[offset : offset + 8 * d].view(np.int64)
         self._check(idx_path, bin_path)
         bin_size = os.path.getsize(bin_path)
-        self._bin = np.memmap(bin_path, mode="r", dtype=self.dtype) if bin_size else np.zeros(0, self.dtype)
+        self._bin = (
+            np.memmap(bin_path, mode="r", dtype=self.dtype) if bin_size else np.zeros(0, self.dtype)
+        )
 
     def _check(self, idx_path: str, bin_path: str) -> None:
         lengths = self.sequence_lengths
         itemsize = self.dtype.itemsize
         if lengths.size and int(lengths.min()) < 0:
-            raise UserError(f"{idx_path}: negative sequence length at sequence {int(np.argmin(lengths))}")
+            raise UserError(
+                f"{idx_path}: negative sequence length at sequence {int(np.argmin(lengths))}"
+            )
         total_bytes = int(lengths.sum(dtype=np.int64)) * itemsize
         bin_size = os.path.getsize(bin_path)
         if total_bytes != bin_size:
@@ -203,10 +213,14 @@ class IndexedDataset:
             np.cumsum(lengths[:-1].astype(np.int64) * itemsize, out=expected[1:])
             bad = np.flatnonzero(expected != self.sequence_pointers)
             if bad.size:
-                raise UserError(f"{idx_path}: byte offset of sequence {int(bad[0])} is inconsistent: corrupt index")
+                raise UserError(
+                    f"{idx_path}: byte offset of sequence {int(bad[0])} is inconsistent: corrupt index"
+                )
         docs = self.document_indices
         if docs.size == 0 or docs[0] != 0 or docs[-1] != lengths.size or (np.diff(docs) < 0).any():
-            raise UserError(f"{idx_path}: document boundaries are not 0..{lengths.size} ascending: corrupt index")
+            raise UserError(
+                f"{idx_path}: document boundaries are not 0..{lengths.size} ascending: corrupt index"
+            )
 
     def __len__(self) -> int:
         return int(self.sequence_lengths.size)
@@ -232,7 +246,9 @@ class IndexedDataset:
 
     def document(self, j: int) -> np.ndarray:
         if not 0 <= j < self.num_documents:
-            raise UserError(f"{self.prefix}: document {j} out of range (0..{self.num_documents - 1})")
+            raise UserError(
+                f"{self.prefix}: document {j} out of range (0..{self.num_documents - 1})"
+            )
         first, last = int(self.document_indices[j]), int(self.document_indices[j + 1])
         if first == last:
             return np.zeros(0, self.dtype)
@@ -249,7 +265,9 @@ def merge_datasets(inputs: list[str], output_prefix: str) -> IndexedDataset:
     dtypes = {ds.dtype for ds in datasets}
     if len(dtypes) > 1:
         described = ", ".join(f"{ds.prefix} ({ds.dtype})" for ds in datasets)
-        raise UserError(f"cannot merge datasets of different dtypes: {described}; re-tokenize with one tokenizer")
+        raise UserError(
+            f"cannot merge datasets of different dtypes: {described}; re-tokenize with one tokenizer"
+        )
     Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)
     with IndexedDatasetBuilder(output_prefix, datasets[0].dtype) as builder:
         for ds in datasets:

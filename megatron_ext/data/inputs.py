@@ -73,11 +73,15 @@ def expand_inputs(specs: list[str]) -> list[str]:
                 if input_kind(name)
             )
             if not found:
-                raise UserError(f"{spec}: directory holds no .jsonl/.json/.txt input (optionally .gz/.zst)")
+                raise UserError(
+                    f"{spec}: directory holds no .jsonl/.json/.txt input (optionally .gz/.zst)"
+                )
             files += found
         elif os.path.isfile(spec):
             if input_kind(spec) is None:
-                raise UserError(f"{spec}: unknown input type (expected .jsonl, .json, .txt, optionally .gz/.zst)")
+                raise UserError(
+                    f"{spec}: unknown input type (expected .jsonl, .json, .txt, optionally .gz/.zst)"
+                )
             files.append(spec)
         else:
             raise UserError(f"{spec}: no such file or directory")
@@ -120,7 +124,9 @@ def open_input(path: str) -> tuple[io.BufferedIOBase, _Counting]:
             import zstandard
         except ImportError:
             raw.close()
-            raise UserError(f"{path}: reading .zst needs the zstandard package (pip install zstandard)") from None
+            raise UserError(
+                f"{path}: reading .zst needs the zstandard package (pip install zstandard)"
+            ) from None
         return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True), raw
     return io.BufferedReader(raw, buffer_size=1 << 20), raw
 
@@ -144,7 +150,9 @@ def check_inputs(paths: list[str]) -> int:
     return total
 
 
-def iter_chunks(paths: list[str], chunk_bytes: int = 1 << 20, txt_mode: str = "file") -> Iterator[Chunk]:
+def iter_chunks(
+    paths: list[str], chunk_bytes: int = 1 << 20, txt_mode: str = "file"
+) -> Iterator[Chunk]:
     """Yield chunks of whole records from the files in order."""
     if txt_mode not in TXT_MODES:
         raise UserError(f"unknown txt mode {txt_mode!r}; choose one of {', '.join(TXT_MODES)}")

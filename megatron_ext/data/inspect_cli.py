@@ -14,18 +14,26 @@ from megatron_ext.errors import UserError
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("prefix", help="dataset prefix (PREFIX.bin / PREFIX.idx)")
     p.add_argument("--tokenizer", help="tokenizer for --decode")
-    p.add_argument("--decode", type=int, metavar="I", help="print document I (ids, or text with --tokenizer)")
+    p.add_argument(
+        "--decode", type=int, metavar="I", help="print document I (ids, or text with --tokenizer)"
+    )
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
 def describe(ds: IndexedDataset) -> dict:
-    doc_lengths = np.add.reduceat(ds.sequence_lengths.astype(np.int64), ds.document_indices[:-1]) \
-        if ds.num_documents and len(ds) else np.zeros(0, np.int64)
+    doc_lengths = (
+        np.add.reduceat(ds.sequence_lengths.astype(np.int64), ds.document_indices[:-1])
+        if ds.num_documents and len(ds)
+        else np.zeros(0, np.int64)
+    )
     # reduceat gives a wrong value for empty documents (equal boundaries): zero them
     if doc_lengths.size:
         doc_lengths[np.diff(ds.document_indices) == 0] = 0
-    pct = {f"p{q}": int(np.percentile(doc_lengths, q)) for q in (0, 10, 50, 90, 99, 100)} \
-        if doc_lengths.size else {}
+    pct = (
+        {f"p{q}": int(np.percentile(doc_lengths, q)) for q in (0, 10, 50, 90, 99, 100)}
+        if doc_lengths.size
+        else {}
+    )
     return {
         "prefix": ds.prefix,
         "documents": ds.num_documents,
@@ -53,8 +61,10 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(info, ensure_ascii=False, indent=2))
         return 0
     print(f"{data_file_path(ds.prefix)} + {index_file_path(ds.prefix)}")
-    print(f"documents: {info['documents']:,}  sequences: {info['sequences']:,}  "
-          f"tokens: {info['tokens']:,}  dtype: {info['dtype']}")
+    print(
+        f"documents: {info['documents']:,}  sequences: {info['sequences']:,}  "
+        f"tokens: {info['tokens']:,}  dtype: {info['dtype']}"
+    )
     if info["document_length_percentiles"]:
         pcts = "  ".join(f"{k}={v}" for k, v in info["document_length_percentiles"].items())
         print(f"document length (tokens): mean={info['mean_document_length']:.1f}  {pcts}")

@@ -13,6 +13,7 @@ so the result equals a single-process run.
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import signal
 import time
@@ -20,8 +21,6 @@ from collections import Counter, deque
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import multiprocessing as mp
 
 from megatron_ext.data import inputs as inputs_mod
 from megatron_ext.data.indexed_dataset import (
@@ -31,7 +30,12 @@ from megatron_ext.data.indexed_dataset import (
     index_file_path,
     optimal_dtype,
 )
-from megatron_ext.data.records import RecordOptions, init_worker, process_chunk, worker_process_chunk
+from megatron_ext.data.records import (
+    RecordOptions,
+    init_worker,
+    process_chunk,
+    worker_process_chunk,
+)
 from megatron_ext.errors import UserError
 from megatron_ext.log import get_logger
 
@@ -68,7 +72,7 @@ class PreprocessSummary:
     seconds: float = 0.0
     dtype: str = ""
 
-    def merge(self, other: "PreprocessSummary") -> None:
+    def merge(self, other: PreprocessSummary) -> None:
         for name in ("files", "documents", "tokens", "bytes_in", "text_bytes"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.skipped.update(other.skipped)
@@ -107,7 +111,9 @@ def check_output_prefix(prefix: str) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        raise UserError(f"{out_dir}: output directory cannot be written ({exc.strerror or exc})") from None
+        raise UserError(
+            f"{out_dir}: output directory cannot be written ({exc.strerror or exc})"
+        ) from None
     if Path(prefix).name in ("", ".", ".."):
         raise UserError(f"{prefix!r}: the output prefix needs a file name part (e.g. data/fi_text)")
 
@@ -140,7 +146,9 @@ def _progress_bar(cfg: PreprocessConfig, total: int):
     from tqdm import tqdm
 
     disable = None if cfg.progress is None else not cfg.progress
-    return tqdm(total=total, unit="B", unit_scale=True, desc="preprocess", disable=disable, smoothing=0.1)
+    return tqdm(
+        total=total, unit="B", unit_scale=True, desc="preprocess", disable=disable, smoothing=0.1
+    )
 
 
 def _write(cfg, files, tokenizer, opts, dtype, prefix: str, allow_empty: bool) -> PreprocessSummary:
@@ -163,7 +171,9 @@ def _write(cfg, files, tokenizer, opts, dtype, prefix: str, allow_empty: bool) -
 
             def consume(res) -> None:
                 if res.fatal:
-                    raise UserError(f"{res.fatal} (stopped at the first bad record; nothing written)")
+                    raise UserError(
+                        f"{res.fatal} (stopped at the first bad record; nothing written)"
+                    )
                 builder.add_packed(res.tokens, res.lengths)
                 summary.documents += res.documents
                 summary.tokens += int(res.lengths.sum(dtype="int64"))
@@ -173,7 +183,10 @@ def _write(cfg, files, tokenizer, opts, dtype, prefix: str, allow_empty: bool) -
                 summary.examples += res.examples[: max(0, 5 - len(summary.examples))]
                 bar.update(res.disk_bytes)
                 elapsed = max(time.perf_counter() - start, 1e-9)
-                bar.set_postfix(docs_s=f"{summary.documents / elapsed:,.0f}", tok_s=f"{summary.tokens / elapsed:,.0f}")
+                bar.set_postfix(
+                    docs_s=f"{summary.documents / elapsed:,.0f}",
+                    tok_s=f"{summary.tokens / elapsed:,.0f}",
+                )
 
             chunks = inputs_mod.iter_chunks(files, cfg.chunk_bytes, cfg.txt_mode)
             if executor is None:
@@ -198,7 +211,9 @@ def _write(cfg, files, tokenizer, opts, dtype, prefix: str, allow_empty: bool) -
         if executor is not None:
             executor.shutdown(wait=True, cancel_futures=True)
     summary.seconds = time.perf_counter() - start
-    summary.bytes_out = os.path.getsize(data_file_path(prefix)) + os.path.getsize(index_file_path(prefix))
+    summary.bytes_out = os.path.getsize(data_file_path(prefix)) + os.path.getsize(
+        index_file_path(prefix)
+    )
     return summary
 
 
@@ -206,7 +221,9 @@ def _mpi_comm(mode: str):
     """COMM_WORLD when launched by an MPI launcher with more than one rank, else None."""
     if mode == "off":
         return None
-    launched = any(k in os.environ for k in ("OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_SIZE", "PMI_RANK"))
+    launched = any(
+        k in os.environ for k in ("OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_SIZE", "PMI_RANK")
+    )
     if not launched:
         return None
     try:
@@ -214,7 +231,9 @@ def _mpi_comm(mode: str):
     except ImportError:
         size = os.environ.get("OMPI_COMM_WORLD_SIZE", "1")
         if size != "1":
-            raise UserError("launched under MPI but mpi4py is not installed (pip install mpi4py)") from None
+            raise UserError(
+                "launched under MPI but mpi4py is not installed (pip install mpi4py)"
+            ) from None
         return None
     comm = MPI.COMM_WORLD
     return comm if comm.Get_size() > 1 else None

@@ -8,19 +8,34 @@ from megatron_ext.data.preprocess import PreprocessConfig, preprocess
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--input", nargs="+", required=True, metavar="PATH",
-                   help=".jsonl/.json/.txt files (optionally .gz/.zst), directories or globs")
+    p.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        metavar="PATH",
+        help=".jsonl/.json/.txt files (optionally .gz/.zst), directories or globs",
+    )
     p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
-    p.add_argument("--tokenizer", required=True,
-                   help="tokenizer.json, SentencePiece .model, or a train-tokenizer directory")
+    p.add_argument(
+        "--tokenizer",
+        required=True,
+        help="tokenizer.json, SentencePiece .model, or a train-tokenizer directory",
+    )
     p.add_argument("--json-key", default="text", help="JSON field holding the text (default: text)")
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes (default: 1)")
     p.add_argument("--append-eod", action="store_true", help="append the end-of-document token")
-    p.add_argument("--eod-token", default=None, help="end-of-document token or id (default: tokenizer's)")
-    p.add_argument("--strict", action="store_true",
-                   help="stop at the first bad record instead of skipping it")
-    p.add_argument("--txt-mode", choices=["file", "blank-line"], default="file",
-                   help=".txt inputs: one document per file (default) or per blank-line-separated block")
+    p.add_argument(
+        "--eod-token", default=None, help="end-of-document token or id (default: tokenizer's)"
+    )
+    p.add_argument(
+        "--strict", action="store_true", help="stop at the first bad record instead of skipping it"
+    )
+    p.add_argument(
+        "--txt-mode",
+        choices=["file", "blank-line"],
+        default="file",
+        help=".txt inputs: one document per file (default) or per blank-line-separated block",
+    )
     p.add_argument("--chunk-mb", type=float, default=1.0, help="work unit size in MB (default: 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-mpi", action="store_true", help="ignore an MPI launcher")

@@ -55,14 +55,18 @@ def _parse_json_line(line: bytes, key: str) -> str:
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise _BadRecord("malformed JSON", f"malformed JSON ({exc.msg} at column {exc.colno})") from None
+        raise _BadRecord(
+            "malformed JSON", f"malformed JSON ({exc.msg} at column {exc.colno})"
+        ) from None
     if not isinstance(obj, dict):
         raise _BadRecord("not a JSON object", f"expected a JSON object, got {type(obj).__name__}")
     if key not in obj:
         raise _BadRecord("missing key", f"missing key {key!r}")
     value = obj[key]
     if not isinstance(value, str):
-        raise _BadRecord("non-string value", f"value of {key!r} is {type(value).__name__}, not a string")
+        raise _BadRecord(
+            "non-string value", f"value of {key!r} is {type(value).__name__}, not a string"
+        )
     if not value.strip():
         raise _BadRecord("empty document", "empty document")
     return value
@@ -164,7 +168,9 @@ def process_chunk(chunk: Chunk, tokenizer, opts: RecordOptions) -> ChunkResult:
 _WORKER: dict = {}
 
 
-def init_worker(tokenizer_path: str, eod_token: str | None, opts: RecordOptions, threads: int) -> None:
+def init_worker(
+    tokenizer_path: str, eod_token: str | None, opts: RecordOptions, threads: int
+) -> None:
     # Workers are the parallelism: keep the tokenizer's own thread pool to `threads`.
     os.environ["RAYON_NUM_THREADS"] = str(threads)
     os.environ["TOKENIZERS_PARALLELISM"] = "true" if threads > 1 else "false"

@@ -125,7 +125,9 @@ def load_tokenizer(path: str | os.PathLike, eod: str | int | None = None) -> Tok
     """Load a tokenizer from a file or directory (see module docstring)."""
     p = Path(path)
     if not p.exists():
-        raise UserError(f"{p}: tokenizer not found (give a tokenizer.json, a .model, or a directory)")
+        raise UserError(
+            f"{p}: tokenizer not found (give a tokenizer.json, a .model, or a directory)"
+        )
     if p.is_dir():
         meta_path = p / METADATA_FILE
         if meta_path.is_file() and eod is None:
