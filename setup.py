@@ -7,6 +7,7 @@ at run time with one warning.
 """
 
 import os
+import sys
 
 from setuptools import find_packages, setup
 
@@ -28,12 +29,54 @@ def data_extensions() -> list:
             ["csrc/data/indexed_dataset.cpp"],
             extra_compile_args=CXX_FLAGS,
         ),
+        Pybind11Extension(
+            "megatron_ext._index_cpp",
+            ["csrc/data/index_helpers.cpp"],
+            extra_compile_args=CXX_FLAGS,
+        ),
     ]
 
 
 def torch_extensions() -> list:
-    """Fused ops built against torch (CPU always; CUDA/HIP when the toolkit is present)."""
-    return []
+    """Fused ops built against torch (CPU always; CUDA/HIP when the toolkit is present).
+
+    `_ops_cpu` is compiled for the baseline x86-64 plus AVX2 and AVX-512 clones picked at load
+    time (no -march flags). `_ops_cuda` is built when torch is a CUDA build and CUDA_HOME is
+    found, or a ROCm build (BuildExtension hipifies the sources); its architectures come from
+    TORCH_CUDA_ARCH_LIST / PYTORCH_ROCM_ARCH as usual.
+    """
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        return []
+    # No -std: torch adds the standard its headers need (C++20 for torch 2.13).
+    # -fno-trapping-math lets GCC turn the kernels' selects into vector blends (csrc/ops/cpu_math.h).
+    base_flags = ["-O3", "-fvisibility=hidden"]
+    ops_flags = base_flags + ["-fopenmp-simd", "-fno-trapping-math", "-fno-math-errno"]
+    # at::parallel_for is inline OpenMP: without -fopenmp it runs on one thread. The libgomp it
+    # links resolves to the copy torch has already loaded (same soname), so one thread pool.
+    omp = [] if sys.platform == "darwin" else ["-fopenmp"]
+    mods = [
+        cpp_extension.CppExtension(
+            "megatron_ext._ops_cpu",
+            ["csrc/ops/ops_cpu.cpp", "csrc/ops/cpu_kernels.cpp"],
+            extra_compile_args=ops_flags + omp,
+            extra_link_args=omp,
+        )
+    ]
+    gpu = (torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None) or (
+        torch.version.hip is not None and cpp_extension.ROCM_HOME is not None
+    )
+    if gpu and os.environ.get("MEGATRON_EXT_SKIP_GPU_EXT") != "1":
+        mods.append(
+            cpp_extension.CUDAExtension(
+                "megatron_ext._ops_cuda",
+                ["csrc/ops/ops_cuda.cpp", "csrc/ops/launch.cu"],
+                extra_compile_args={"cxx": base_flags, "nvcc": ["-O3"]},
+            )
+        )
+    return mods
 
 
 def ext_modules() -> list:

@@ -61,7 +61,8 @@ def has_cpp() -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_int_array(name: str, arr: np.ndarray) -> np.ndarray:
+def _int_array(arr: np.ndarray) -> np.ndarray:
+    """int32/int64 stay as they are (no copy of a memory map); other dtypes become int64."""
     arr = np.asarray(arr)
     if arr.dtype not in (np.int32, np.int64):
         arr = arr.astype(np.int64)
@@ -74,7 +75,11 @@ def max_samples(num_tokens: int, seq_length: int) -> int:
 
 
 def build_sample_index(
-    sizes: np.ndarray, doc_index: np.ndarray, seq_length: int, num_samples: int, use_cpp: bool = True
+    sizes: np.ndarray,
+    doc_index: np.ndarray,
+    seq_length: int,
+    num_samples: int,
+    use_cpp: bool = True,
 ) -> np.ndarray:
     """Sample index over the documents `doc_index` (ids into `sizes`, tokens per document).
 
@@ -82,8 +87,8 @@ def build_sample_index(
     Returns int64 `[num_samples + 1, 2]`. Raises ValueError if the documents hold fewer than
     `num_samples * seq_length + 1` tokens.
     """
-    sizes = _check_int_array("sizes", sizes)
-    doc_index = _check_int_array("doc_index", doc_index)
+    sizes = _int_array(sizes)
+    doc_index = _int_array(doc_index)
     cpp = _cpp() if use_cpp else None
     if cpp is not None:
         try:
@@ -106,7 +111,8 @@ def build_sample_index_reference(
     starts = np.arange(num_samples + 1, dtype=np.int64) * np.int64(seq_length)
     if ends.size == 0 or starts[-1] >= ends[-1]:
         raise ValueError(
-            f"the documents hold too few tokens for {num_samples} samples of {seq_length} + 1 tokens"
+            f"the documents hold too few tokens for {num_samples} samples of "
+            f"{seq_length} + 1 tokens"
         )
     pos = np.searchsorted(ends, starts, side="right")  # first document ending after the start
     doc_start = ends[pos] - np.asarray(sizes)[doc_index[pos]].astype(np.int64)
@@ -147,39 +153,36 @@ def build_blending_index(
 def build_blending_index_reference(
     weights, num_samples: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Python loop over the same float64 expressions as the C++ (same output; slow)."""
+    """Python loop over the same float64 expressions as the C++ (same output; slow).
+
+    Sample t goes to the source minimising (not released, deadline, index), where source i
+    is released when (c_i + s) / w_i <= t and its deadline is (c_i + 1 - s) / w_i.
+    """
     w = _check_weights(weights)
-    num_sources = w.size
     total = 0.0
     for x in w.tolist():
         total += x
-    weight = [x / total for x in w.tolist()]
-    positive = sum(x > 0 for x in weight)
-    s = 1.0 / float(2 * max(positive, 2) - 2)
+    ids = [i for i, x in enumerate(w.tolist()) if x > 0]
+    s = 1.0 / float(2 * max(len(ids), 2) - 2)
     one_minus_s = 1.0 - s
-    inf = float("inf")
-    release = [s / x if x > 0 else inf for x in weight]
-    deadline = [one_minus_s / x if x > 0 else inf for x in weight]
-    counts = [0] * num_sources
+    inv = [1.0 / (float(w[i]) / total) for i in ids]
+    release = [s * v for v in inv]
+    deadline = [one_minus_s * v for v in inv]
+    count = [0] * len(ids)
     source = np.empty(num_samples, np.int16)
     sample = np.empty(num_samples, np.int64)
     for n in range(num_samples):
         t = float(n + 1)
-        best, best_deadline, fallback = -1, inf, 0
-        for i in range(num_sources):
-            if release[i] <= t and deadline[i] < best_deadline:
-                best, best_deadline = i, deadline[i]
-            if deadline[i] < deadline[fallback]:
-                fallback = i
-        if best < 0:
-            best = fallback
-        source[n] = best
-        sample[n] = counts[best]
-        counts[best] += 1
-        c = float(counts[best])
-        release[best] = (c + s) / weight[best]
-        deadline[best] = (c + one_minus_s) / weight[best]
-    return source, sample, np.array(counts, np.int64)
+        j = min(range(len(ids)), key=lambda j: (release[j] > t, deadline[j], ids[j]))
+        source[n] = ids[j]
+        sample[n] = count[j]
+        count[j] += 1
+        c = float(count[j])
+        release[j] = (c + s) * inv[j]
+        deadline[j] = (c + one_minus_s) * inv[j]
+    counts = np.zeros(w.size, np.int64)
+    counts[ids] = count
+    return source, sample, counts
 
 
 # ---------------------------------------------------------------------------------------------
