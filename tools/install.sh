@@ -12,7 +12,7 @@ if [ "${1:-}" = "--test" ]; then
     # openmpi: mpi4py and multi-rank preprocessing; gimp-help-fi: real Finnish test corpus.
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-      openmpi-bin libopenmpi-dev gimp-help-fi >/dev/null
+      openmpi-bin libopenmpi-dev gimp-help-fi hipcc slurmctld slurmd slurm-client munge libpmix2 >/dev/null
   fi
 fi
 pip install -q -c constraints.txt torch==2.13.0 pybind11 setuptools wheel
