@@ -1,0 +1,1 @@
+"""Launching runs: cluster profiles, sbatch rendering, submission and status, rank wiring."""

@@ -1,0 +1,150 @@
+"""`megatron-ext plan`: propose a parallel layout for a model on a cluster profile (thin CLI)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+from pathlib import Path
+
+from megatron_ext.errors import UserError
+from megatron_ext.launch.profiles import available_profiles, load_profile
+from megatron_ext.planner.memory import PRECISIONS, GiB, total_params
+from megatron_ext.planner.plan import Candidate, PlanRequest, accepted, plan
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model preset (e.g. bloom-176b) or a YAML file")
+    p.add_argument(
+        "--profile",
+        required=True,
+        help=f"cluster profile: {', '.join(available_profiles())}, or a path to your YAML",
+    )
+    p.add_argument("--nodes", type=int, required=True)
+    p.add_argument("--seq-length", type=int, help="default: the model's")
+    p.add_argument("--global-batch", type=int, default=1024, help="sequences per step (1024)")
+    p.add_argument(
+        "--precision", choices=sorted(PRECISIONS), help="default: bf16 on GPUs, fp32 on CPU"
+    )
+    p.add_argument("--tasks-per-node", type=int, help="devices per node (default: the profile's)")
+    p.add_argument(
+        "--memory-fraction", type=float, default=0.9, help="share of device memory to plan for"
+    )
+    p.add_argument("--micro-batch-sizes", default="1,2,4,8", help="comma-separated (1,2,4,8)")
+    p.add_argument(
+        "--flash-attention",
+        action="store_true",
+        help="attention probabilities are not stored (flash attention)",
+    )
+    p.add_argument("--sequence-parallel", action="store_true")
+    p.add_argument("--top", type=int, default=8, help="accepted layouts to list")
+    p.add_argument("--json", action="store_true", help="print every candidate as JSON")
+
+
+def _model(spec: str, seq_length: int | None):
+    from megatron_ext.models.config import ModelConfig, resolve_model_config
+
+    model = ModelConfig.load_yaml(spec) if Path(spec).is_file() else resolve_model_config(spec)
+    return model.replace(seq_length=seq_length) if seq_length else model
+
+
+def _candidate_dict(c: Candidate) -> dict:
+    lay = c.layout
+    d = {
+        "tp": lay.tp, "pp": lay.pp, "dp": lay.dp, "micro_batch_size": lay.micro_batch_size,
+        "activation_checkpointing": lay.recompute, "fits": c.fits, "reasons": c.reasons,
+        "relative_time": None if c.relative_time == float("inf") else round(c.relative_time, 4),
+    }  # fmt: skip
+    if c.estimate:
+        d["memory_gib"] = {k: round(v, 3) for k, v in c.estimate.as_gib().items()}
+    return d
+
+
+def run(args: argparse.Namespace) -> int:
+    profile = load_profile(args.profile)
+    model = _model(args.model, args.seq_length)
+    devices = args.tasks_per_node or profile.tasks_per_node
+    if not profile.device_memory_gb:
+        raise UserError(f"{profile.path}: device_memory_gb is not set; the planner needs it")
+    req = PlanRequest(
+        model=model,
+        nodes=args.nodes,
+        devices_per_node=devices,
+        device_memory_gb=profile.device_memory_gb,
+        seq_length=model.seq_length,
+        global_batch_size=args.global_batch,
+        precision=args.precision or ("bf16" if profile.gpus_per_node else "fp32"),
+        memory_fraction=args.memory_fraction,
+        micro_batch_sizes=tuple(int(x) for x in args.micro_batch_sizes.split(",")),
+        attention_scores=not args.flash_attention,
+        sequence_parallel=args.sequence_parallel,
+    )
+    candidates = plan(req)
+    good = accepted(candidates)
+    if args.json:
+        print(json.dumps([_candidate_dict(c) for c in candidates], indent=1))
+        return 0 if good else 1
+    print(
+        f"{args.model}: {total_params(model) / 1e9:.2f}B parameters, seq {model.seq_length}, "
+        f"global batch {req.global_batch_size}, {req.precision}; {args.nodes} node(s) x "
+        f"{devices} {profile.device_name} ({profile.name}); budget "
+        f"{req.budget_bytes / GiB:.1f} GiB per device ({req.memory_fraction:.0%} of "
+        f"{profile.device_memory_gb:g} GiB)"
+    )
+    if not good:
+        print("no layout fits; the closest refusals:")
+        for c in [c for c in candidates if c.estimate][:5]:
+            print(f"  {_short(c)}: {'; '.join(c.reasons)}")
+        print("more nodes, a shorter sequence, or a smaller global batch would help")
+        return 1
+    print("\nproposed: " + _short(good[0]))
+    print(_breakdown(good[0]))
+    for reason in good[0].reasons:
+        print(f"  - {reason}")
+    lay = good[0].layout
+    print("  run config:")
+    print(f"    parallel: {{tp: {lay.tp}, pp: {lay.pp}}}")
+    print(
+        f"    train: {{micro_batch_size: {lay.micro_batch_size}, global_batch_size: "
+        f"{req.global_batch_size}, activation_checkpointing: {lay.recompute}, "
+        f"precision: {req.precision}}}"
+    )
+    print(f"\naccepted layouts: {len(good)} (the first {min(args.top, len(good))}, fastest first)")
+    print("   tp   pp   dp  mbs  recompute    GiB  rel.time")
+    for c in good[: args.top]:
+        lay = c.layout
+        print(
+            f"  {lay.tp:>3}  {lay.pp:>3}  {lay.dp:>3}  {lay.micro_batch_size:>3}  {lay.recompute:<9}"
+            f"  {c.estimate.total / GiB:>5.1f}  {c.relative_time / good[0].relative_time:>8.2f}"
+        )
+    refused = Counter(_kind(c.reasons[0]) for c in candidates if not c.fits)
+    print("refused: " + ", ".join(f"{n} {k}" for k, n in refused.most_common()))
+    return 0
+
+
+def _short(c: Candidate) -> str:
+    lay = c.layout
+    return (
+        f"tp={lay.tp} pp={lay.pp} dp={lay.dp} micro-batch {lay.micro_batch_size}, "
+        f"activation checkpointing {lay.recompute}"
+    )
+
+
+def _breakdown(c: Candidate) -> str:
+    g = c.estimate.as_gib()
+    return (
+        f"  memory per device (stage {c.estimate.stage}, {c.estimate.params / 1e9:.2f}B params): "
+        f"weights {g['weights']:.1f} + gradients {g['gradients']:.1f} + optimizer (ZeRO-1) "
+        f"{g['optimizer']:.1f} + activations {g['activations']:.1f} (no recompute "
+        f"{g['activations_no_recompute']:.1f}, full {g['activations_full_recompute']:.1f}) + "
+        f"logits {g['logits']:.1f} + pipeline buffers {g['pipeline_buffers']:.1f} = "
+        f"{g['total']:.1f} GiB"
+    )
+
+
+def _kind(reason: str) -> str:
+    if reason.startswith("needs"):
+        return "do not fit"
+    if "global batch" in reason:
+        return "batch not divisible"
+    return "do not divide the model"
