@@ -17,6 +17,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-tokenizer": ("megatron_ext.data.tokenizer_training", "train a BPE or unigram tokenizer"),
     "merge-datasets": ("megatron_ext.data.merge_cli", "concatenate indexed datasets"),
     "inspect": ("megatron_ext.data.inspect_cli", "summarise or decode an indexed dataset"),
+    "inspect-blend": ("megatron_ext.data.blend_cli", "show how a blend turns into samples per source"),
+    "build-index": ("megatron_ext.data.blend_cli", "prebuild the sample/blend indices of a run"),
+    "slurm": ("megatron_ext.launch.slurm_cli", "render, submit and follow Slurm jobs of a run"),
+    "plan": ("megatron_ext.planner.plan_cli", "propose a parallel layout that fits memory"),
+    "describe": ("megatron_ext.models.describe_cli", "parameter counts of a model preset or YAML"),
     "quickstart": ("megatron_ext.quickstart", "run the whole pipeline on the bundled sample"),
 }
 
