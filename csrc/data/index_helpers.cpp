@@ -9,11 +9,13 @@
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <cstring>
 #include <limits>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace py = pybind11;
@@ -102,7 +104,8 @@ py::array_t<int64_t> build_sample_index(const exact_array<SizeT>& sizes_arr,
 //
 // Global sample t (1-based) goes to the source with the earliest deadline (c + 1 - s) / w
 // among those whose release time (c + s) / w has come (release <= t), where c is the count
-// so far and s = 1 / (2D - 2) for D sources of positive weight. Tijdeman (1980) proves
+// so far and s = 1 / (2D - 2) for D sources of positive weight. Tijdeman ("The chairman
+// assignment problem", Discrete Mathematics 32, 1980) proves
 // |c_i(t) - w_i t| <= 1 - s < 1 for every source and every prefix t. Precisely, the winner
 // minimises (not yet released, deadline, source index) lexicographically; at least one source
 // is always released, so the first part only orders an unreachable case.
@@ -115,6 +118,74 @@ inline uint64_t double_bits(double x) {
   uint64_t b;
   std::memcpy(&b, &x, sizeof b);
   return b;
+}
+
+// The hot loop over `scan` sources (ids[j], 1 / normalised weight inv[j]), scanned heaviest
+// first. It is instantiated for every source count up to kMaxFixed (D > 0: the count is a
+// compile-time constant, the scan is unrolled: 1.3-3.6x faster than a runtime-length loop,
+// measured with GCC 12) and once with a runtime count (D == 0) for bigger blends.
+constexpr int kMaxFixed = 32;
+constexpr uint64_t kPending = uint64_t{1} << 63;
+
+template <int D>
+void blending_loop(const int64_t* ids, const double* inverse, int scan_runtime, double s,
+                   int64_t num_samples, int16_t* source, int64_t* sample, int64_t* count) {
+  const int scan = D > 0 ? D : scan_runtime;
+  const double one_minus_s = 1.0 - s;
+  std::vector<double> inv(inverse, inverse + scan), rel(scan);
+  std::vector<uint64_t> key(scan);  // deadline bits
+  for (int j = 0; j < scan; ++j) {
+    rel[j] = s * inv[j];
+    key[j] = double_bits(one_minus_s * inv[j]);
+    count[j] = 0;
+  }
+  for (int64_t n = 0; n < num_samples; ++n) {
+    const double t = static_cast<double>(n + 1);
+    int bj = 0;
+    uint64_t best_key = ~uint64_t{0};
+    for (int j = 0; j < scan; ++j) {
+      const uint64_t k = key[j] | (rel[j] > t ? kPending : 0);
+      if (k < best_key || (k == best_key && ids[j] < ids[bj])) {
+        best_key = k;
+        bj = j;
+      }
+    }
+    source[n] = static_cast<int16_t>(ids[bj]);
+    sample[n] = count[bj];
+    const double c = static_cast<double>(++count[bj]);
+    rel[bj] = (c + s) * inv[bj];
+    key[bj] = double_bits((c + one_minus_s) * inv[bj]);
+  }
+}
+
+using BlendingLoop = void (*)(const int64_t*, const double*, int, double, int64_t, int16_t*,
+                              int64_t*, int64_t*);
+
+template <int... Ds>
+constexpr std::array<BlendingLoop, sizeof...(Ds)> blending_loops(
+    std::integer_sequence<int, Ds...>) {
+  return {&blending_loop<Ds>...};
+}
+
+constexpr auto kBlendingLoops = blending_loops(std::make_integer_sequence<int, kMaxFixed + 1>());
+
+void build_blending(const double* w, int64_t num_sources, int64_t positive, double total,
+                    int64_t num_samples, int16_t* source, int64_t* sample, int64_t* counts) {
+  const double s = 1.0 / static_cast<double>(2 * (positive > 1 ? positive : 2) - 2);
+  // Positive-weight sources only (a zero weight never wins), heaviest first.
+  std::vector<int64_t> ids;
+  for (int64_t i = 0; i < num_sources; ++i) {
+    if (w[i] > 0.0) ids.push_back(i);
+  }
+  std::stable_sort(ids.begin(), ids.end(), [w](int64_t a, int64_t b) { return w[a] > w[b]; });
+  const int scan = static_cast<int>(ids.size());
+  std::vector<double> inv(scan);
+  for (int j = 0; j < scan; ++j) inv[j] = 1.0 / (w[ids[j]] / total);
+  std::vector<int64_t> count(scan);
+  kBlendingLoops[scan <= kMaxFixed ? scan : 0](ids.data(), inv.data(), scan, s, num_samples,
+                                               source, sample, count.data());
+  for (int64_t i = 0; i < num_sources; ++i) counts[i] = 0;
+  for (int j = 0; j < scan; ++j) counts[ids[j]] = count[j];
 }
 
 py::tuple build_blending_index(const carray<double>& weights_arr, int64_t num_samples) {
@@ -137,53 +208,13 @@ py::tuple build_blending_index(const carray<double>& weights_arr, int64_t num_sa
   if (!(total <= std::numeric_limits<double>::max())) {
     throw std::invalid_argument("weights overflow");
   }
-
   py::array_t<int16_t> source_arr(num_samples);
   py::array_t<int64_t> sample_arr(num_samples);
   py::array_t<int64_t> counts_arr(num_sources);
-  int16_t* source = source_arr.mutable_data();
-  int64_t* sample = sample_arr.mutable_data();
-  int64_t* counts = counts_arr.mutable_data();
   {
     py::gil_scoped_release release;
-    const double s = 1.0 / static_cast<double>(2 * (positive > 1 ? positive : 2) - 2);
-    const double one_minus_s = 1.0 - s;
-    // Positive-weight sources only (a zero weight never wins), heaviest first.
-    std::vector<int64_t> id;
-    for (int64_t i = 0; i < num_sources; ++i) {
-      if (w[i] > 0.0) id.push_back(i);
-    }
-    std::stable_sort(id.begin(), id.end(), [w](int64_t a, int64_t b) { return w[a] > w[b]; });
-    const int64_t n_scan = static_cast<int64_t>(id.size());
-    std::vector<double> inv(n_scan), rel(n_scan);
-    std::vector<uint64_t> key(n_scan);  // deadline bits
-    std::vector<int64_t> count(n_scan, 0);
-    for (int64_t j = 0; j < n_scan; ++j) {
-      inv[j] = 1.0 / (w[id[j]] / total);
-      rel[j] = s * inv[j];
-      key[j] = double_bits(one_minus_s * inv[j]);
-    }
-    const int64_t* ids = id.data();
-    constexpr uint64_t kPending = uint64_t{1} << 63;
-    for (int64_t n = 0; n < num_samples; ++n) {
-      const double t = static_cast<double>(n + 1);
-      int64_t bj = 0;
-      uint64_t best_key = ~uint64_t{0};
-      for (int64_t j = 0; j < n_scan; ++j) {
-        const uint64_t k = key[j] | (rel[j] > t ? kPending : 0);
-        if (k < best_key || (k == best_key && ids[j] < ids[bj])) {
-          best_key = k;
-          bj = j;
-        }
-      }
-      source[n] = static_cast<int16_t>(ids[bj]);
-      sample[n] = count[bj];
-      const double c = static_cast<double>(++count[bj]);
-      rel[bj] = (c + s) * inv[bj];
-      key[bj] = double_bits((c + one_minus_s) * inv[bj]);
-    }
-    for (int64_t i = 0; i < num_sources; ++i) counts[i] = 0;
-    for (int64_t j = 0; j < n_scan; ++j) counts[ids[j]] = count[j];
+    build_blending(w, num_sources, positive, total, num_samples, source_arr.mutable_data(),
+                   sample_arr.mutable_data(), counts_arr.mutable_data());
   }
   return py::make_tuple(source_arr, sample_arr, counts_arr);
 }

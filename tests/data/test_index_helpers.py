@@ -86,6 +86,7 @@ def test_blending_matches_reference_and_stays_within_one_sample():
     fingpt = [1.5, 1, 1, 3, 3, 2, 2, 1, 1, 1, 1]
     cases = [fingpt, [1.0], [0.0, 1.0, 0.0], [1e-4, 1.0], [0.5, 0.5]]
     cases += [list(rng.random(int(rng.integers(2, 12))) ** 3) for _ in range(20)]
+    cases += [list(rng.random(40)), [1.0] * 33]  # past the unrolled sizes (<= 32 sources)
     for weights in cases:
         n = 3000
         source, sample, counts = H.build_blending_index(weights, n)
