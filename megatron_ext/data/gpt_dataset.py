@@ -298,7 +298,7 @@ class GPTDataset:
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self.indexed = IndexedDataset(self.prefix)
+        self.indexed = IndexedDataset(self.prefix, full_check=False)
         if self.cache_path is not None:
             for key in ("document_index", "sample_index", "shuffle_index"):
                 setattr(

@@ -169,7 +169,9 @@ class IndexedDataset:
     A truncated or corrupt pair raises `UserError` naming the file and what does not add up.
     """
 
-    def __init__(self, prefix: str | os.PathLike):
+    def __init__(self, prefix: str | os.PathLike, full_check: bool = True):
+        """`full_check=False` checks only sizes (for re-opening a pair already checked, e.g. in
+        DataLoader workers); the full check scans every offset in bounded-memory chunks."""
         self.prefix = os.fspath(prefix)
         idx_path, bin_path = index_file_path(self.prefix), data_file_path(self.prefix)
         for path in (idx_path, bin_path):
@@ -188,39 +190,56 @@ class IndexedDataset:
         self.sequence_pointers = raw[offset : offset + 8 * n].view(np.int64)
         offset += 8 * n
         self.document_indices = raw[offset : offset + 8 * d].view(np.int64)
-        self._check(idx_path, bin_path)
+        self._check(idx_path, bin_path, full_check)
         bin_size = os.path.getsize(bin_path)
         self._bin = (
             np.memmap(bin_path, mode="r", dtype=self.dtype) if bin_size else np.zeros(0, self.dtype)
         )
 
-    def _check(self, idx_path: str, bin_path: str) -> None:
-        lengths = self.sequence_lengths
-        itemsize = self.dtype.itemsize
-        if lengths.size and int(lengths.min()) < 0:
+    def _check(self, idx_path: str, bin_path: str, full: bool = True) -> None:
+        """Sizes always; with `full`, every offset and boundary too (in bounded-memory chunks)."""
+        lengths, itemsize, n = (
+            self.sequence_lengths,
+            self.dtype.itemsize,
+            self.sequence_lengths.size,
+        )
+        if full and n and int(lengths.min()) < 0:
             raise UserError(
                 f"{idx_path}: negative sequence length at sequence {int(np.argmin(lengths))}"
             )
-        total_bytes = int(lengths.sum(dtype=np.int64)) * itemsize
+        if full:
+            total_bytes = int(lengths.sum(dtype=np.int64)) * itemsize
+        else:  # from the last offset: no pass over 1e9 lengths when re-opening in a worker
+            total_bytes = int(self.sequence_pointers[-1]) + int(lengths[-1]) * itemsize if n else 0
         bin_size = os.path.getsize(bin_path)
         if total_bytes != bin_size:
             raise UserError(
                 f"{bin_path}: {bin_size} bytes but {idx_path} describes {total_bytes} "
-                f"({lengths.sum(dtype=np.int64)} tokens of {self.dtype}): truncated or mismatched pair"
+                f"({total_bytes // itemsize} tokens of {self.dtype}): truncated or mismatched pair"
             )
-        if lengths.size:
-            expected = np.zeros(lengths.size, np.int64)
-            np.cumsum(lengths[:-1].astype(np.int64) * itemsize, out=expected[1:])
-            bad = np.flatnonzero(expected != self.sequence_pointers)
+        docs = self.document_indices
+        if docs.size == 0 or docs[0] != 0 or docs[-1] != n:
+            raise UserError(
+                f"{idx_path}: document boundaries are not 0..{n} ascending: corrupt index"
+            )
+        if not full:
+            return
+        chunk, offset = 1 << 24, 0
+        for start in range(0, n, chunk):
+            part = lengths[start : start + chunk].astype(np.int64) * itemsize
+            expected = offset + np.concatenate(([0], np.cumsum(part[:-1])))
+            bad = np.flatnonzero(expected != self.sequence_pointers[start : start + chunk])
             if bad.size:
                 raise UserError(
-                    f"{idx_path}: byte offset of sequence {int(bad[0])} is inconsistent: corrupt index"
+                    f"{idx_path}: byte offset of sequence {start + int(bad[0])} is inconsistent: "
+                    "corrupt index"
                 )
-        docs = self.document_indices
-        if docs.size == 0 or docs[0] != 0 or docs[-1] != lengths.size or (np.diff(docs) < 0).any():
-            raise UserError(
-                f"{idx_path}: document boundaries are not 0..{lengths.size} ascending: corrupt index"
-            )
+            offset = int(expected[-1] + part[-1])
+        for start in range(0, docs.size - 1, chunk):
+            if (np.diff(docs[start : start + chunk + 1]) < 0).any():
+                raise UserError(
+                    f"{idx_path}: document boundaries are not 0..{n} ascending: corrupt index"
+                )
 
     def __len__(self) -> int:
         return int(self.sequence_lengths.size)
