@@ -16,6 +16,7 @@ replicas' gradients are summed over the TP group in backward.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -113,6 +114,9 @@ class RotaryEmbedding(nn.Module):
         return self._cache[2][:seq_len], self._cache[3][:seq_len]
 
 
+_no_fork = contextlib.nullcontext
+
+
 class SelfAttention(nn.Module):
     """[s(/tp), b, h] -> [s(/tp), b, h]: fused QKV (column-parallel), core attention on this
     rank's heads, output projection (row-parallel: all-reduce, or reduce-scatter with SP)."""
@@ -201,6 +205,10 @@ class SelfAttention(nn.Module):
         if self.g_l > 1:
             k = k.repeat_interleave(self.g_l, dim=1)
             v = v.repeat_interleave(self.g_l, dim=1)
+        if self._use_sdpa(q.device):
+            context = self._sdpa(q, k, v, padding_mask)
+            context = context.permute(2, 0, 1, 3).reshape(s, b, self.np_l * hn)
+            return self.linear_proj(context)
         scores = torch.matmul(q, k.transpose(-1, -2))  # [b, np_l, s, s]
         probs = ops.scaled_alibi_softmax(
             scores,
@@ -216,3 +224,40 @@ class SelfAttention(nn.Module):
         context = torch.matmul(probs, v)  # [b, np_l, s, hn]
         context = context.permute(2, 0, 1, 3).reshape(s, b, self.np_l * hn)
         return self.linear_proj(context)
+
+    def _use_sdpa(self, device: torch.device) -> bool:
+        backend = self.config.attention_backend
+        if (
+            backend == "auto"
+        ):  # ALiBi stays on our fused softmax until a GPU measurement says otherwise
+            return device.type == "cuda" and self.config.position_embedding != "alibi"
+        return backend == "sdpa"
+
+    def _sdpa(self, q, k, v, padding_mask) -> torch.Tensor:
+        """torch's fused attention: q/k/v [b, np_l, s, hn] -> [b, np_l, s, hn].
+
+        Same masking as the softmax path: causal, ALiBi as an additive fp32 bias (slope * key
+        position, BLOOM's convention), padded keys masked."""
+        s = q.shape[2]
+        slopes = self.local_alibi_slopes(q.device)
+        mask = None
+        if slopes is not None or padding_mask is not None:
+            causal = torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
+            allowed = causal if padding_mask is None else causal & ~padding_mask
+            mask = torch.zeros(allowed.shape, dtype=torch.float32, device=q.device)
+            mask = mask.masked_fill(~allowed, float("-inf"))
+            if slopes is not None:
+                positions = torch.arange(s, dtype=torch.float32, device=q.device)
+                mask = mask + slopes[:, None, None] * positions
+            mask = mask.to(q.dtype)
+        p = self.config.attention_dropout if self.training else 0.0
+        with self.ctx.rng.fork() if p > 0 else _no_fork():
+            return F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                dropout_p=p,
+                is_causal=mask is None,
+                scale=1.0 / math.sqrt(self.config.head_dim),
+            )

@@ -43,6 +43,9 @@ class ModelConfig:
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
     fused_ops: bool = True  # megatron_ext.ops fused kernels; False: their PyTorch references
+    # core attention: "softmax" (our fused scaled softmax), "sdpa" (torch's fused attention;
+    # ALiBi passed as a float bias), "auto": sdpa for RoPE/learned positions on a GPU, else softmax
+    attention_backend: Literal["auto", "softmax", "sdpa"] = "auto"
 
     def __post_init__(self) -> None:
         if self.num_kv_heads is None:

@@ -138,3 +138,25 @@ def test_seeded_init_is_the_same_at_any_tp():
     assert not torch.equal(
         full["model.layers.0.mlp.up_proj.weight"], other["model.layers.0.mlp.up_proj.weight"]
     )
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_sdpa_backend_matches_transformers(cases, name):
+    """torch's fused attention (ALiBi as a float bias for BLOOM) gives the reference logits too,
+    with and without padded keys."""
+    case = cases[0][name]
+    config = ModelConfig(**case["config"]).replace(attention_backend="sdpa")
+    family = get_family(config.family)
+    model = build_model(config).eval()
+    model.load_state_dict(hf_to_ours(case["hf_state"], family, config), strict=True)
+    softmax_model = build_model(config.replace(attention_backend="softmax")).eval()
+    softmax_model.load_state_dict(model.state_dict())
+    ids = case["ids"]
+    mask = torch.ones_like(ids)
+    mask[:, -3:] = 0  # right padding
+    with torch.no_grad():
+        logits = gather_vocab_parallel_logits(model(ids), None, config.vocab_size)
+        padded = model(ids, attention_mask=mask)
+        padded_ref = softmax_model(ids, attention_mask=mask)
+    assert _max_diff(logits, case["hf_logits"]) < LOGIT_TOL
+    assert _max_diff(padded[:, :-3], padded_ref[:, :-3]) < LOGIT_TOL
