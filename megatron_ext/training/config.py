@@ -1,0 +1,128 @@
+"""The run config: one YAML file (plus dotted overrides) holding every section of a run.
+
+    model:      preset name and/or ModelConfig fields
+    parallel:   tp, pp (dp = world size / (tp * pp))
+    data:       path (one prefix) or blend (a blend YAML), seq_length, split, seed
+    train:      iterations, micro/global batch size, precision, activation checkpointing
+    optim:      AdamW, clipping, LR warmup + decay
+    checkpoint: dir, interval, keep, load, reset_progress
+    logging:    interval, eval, TensorBoard
+
+The resolved config is saved with every checkpoint (`config.yaml`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from megatron_ext.errors import UserError
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    sequence_parallel: bool = False
+    partition_method: Literal["parameters", "uniform", "type"] = "parameters"
+
+
+@dataclass
+class DataConfig:
+    path: str | None = None  # one dataset prefix
+    blend: str | None = None  # or a blend YAML file
+    seq_length: int = 2048
+    split: str = "969,30,1"
+    seed: int = 1234
+    cache_dir: str | None = None  # default: <checkpoint.dir>/index-cache
+    num_workers: int = 0  # DataLoader workers (spawned, never forked)
+
+
+@dataclass
+class TrainConfig:
+    iterations: int = 100
+    micro_batch_size: int = 1
+    global_batch_size: int = 8
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    activation_checkpointing: Literal["none", "full", "every"] = "none"
+    checkpoint_every_layers: int = 1  # with "every": recompute every k-th block
+    seed: int = 1234
+    rampup_batch_size: list[int] | None = None  # [start, increment, samples], as Megatron
+    exit_duration_in_mins: float | None = None
+    kill_switch_file: str | None = None
+    max_nonfinite_steps: int = 5  # abort after this many non-finite losses in a row
+    collective_timeout_s: float = 600.0
+    inject_nonfinite_steps: list[int] | None = None  # fault injection (tests): NaN loss at steps
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    clip_grad: float = 1.0
+    warmup_iters: int = 0
+    decay_iters: int | None = None  # default: train.iterations
+    decay_style: Literal["cosine", "linear", "constant"] = "cosine"
+    initial_loss_scale: float = 2.0**16  # fp16 only (dynamic loss scaling)
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = "checkpoints"
+    interval: int = 100
+    keep: int = 2  # keep the last K checkpoints
+    load: str | None = None  # start from this checkpoint dir (default: resume from `dir`)
+    reset_progress: bool = False  # continued pretraining: weights only, new iteration/optim/schedule
+
+
+@dataclass
+class LoggingConfig:
+    interval: int = 1
+    eval_interval: int = 0  # 0: no validation during training
+    eval_iters: int = 4
+    tensorboard: bool = True
+    peak_tflops: float | None = None  # per device, for the MFU estimate (None: no MFU)
+
+
+@dataclass
+class RunConfig:
+    model: dict[str, Any] = field(default_factory=lambda: {"preset": "tiny"})
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def data_parallel_size(self, world_size: int) -> int:
+        mp = self.parallel.tp * self.parallel.pp
+        if world_size % mp:
+            raise UserError(
+                f"world size {world_size} is not divisible by tp x pp = {self.parallel.tp} x "
+                f"{self.parallel.pp}; change parallel.tp/parallel.pp or the number of processes"
+            )
+        return world_size // mp
+
+    def grad_accumulation_steps(self, dp_size: int) -> int:
+        per_step = self.train.micro_batch_size * dp_size
+        if self.train.global_batch_size % per_step:
+            raise UserError(
+                f"train.global_batch_size {self.train.global_batch_size} is not divisible by "
+                f"micro_batch_size x dp = {self.train.micro_batch_size} x {dp_size}"
+            )
+        return self.train.global_batch_size // per_step
+
+    def validate(self) -> None:
+        if (self.data.path is None) == (self.data.blend is None):
+            raise UserError("give exactly one of data.path (a dataset prefix) or data.blend (a blend YAML)")
+        for name in ("tp", "pp"):
+            if getattr(self.parallel, name) < 1:
+                raise UserError(f"parallel.{name} must be at least 1")
+        if self.train.iterations < 0 or self.train.micro_batch_size < 1:
+            raise UserError("train.iterations must be >= 0 and train.micro_batch_size >= 1")
+        if self.checkpoint.interval < 1:
+            raise UserError("checkpoint.interval must be at least 1")
