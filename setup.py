@@ -108,6 +108,8 @@ setup(
         "PyYAML>=6.0",
         "tqdm>=4.66",
         "psutil>=5.9",
+        "tensorboard>=2.14",
+        "matplotlib>=3.7",
     ],
     extras_require={
         "test": [
