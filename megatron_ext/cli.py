@@ -22,6 +22,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "slurm": ("megatron_ext.launch.slurm_cli", "render, submit and follow Slurm jobs of a run"),
     "plan": ("megatron_ext.planner.plan_cli", "propose a parallel layout that fits memory"),
     "describe": ("megatron_ext.models.describe_cli", "parameter counts of a model preset or YAML"),
+    "train": ("megatron_ext.training.train_cli", "train a model (DeepSpeed pipeline + ZeRO-1 + TP)"),
+    "evaluate": ("megatron_ext.training.evaluate_cli", "validation loss/perplexity of a checkpoint"),
+    "convert": ("megatron_ext.convert.convert_cli", "convert checkpoints to/from Hugging Face"),
     "quickstart": ("megatron_ext.quickstart", "run the whole pipeline on the bundled sample"),
 }
 

@@ -1,0 +1,236 @@
+"""The conversion driver for every model family: HF <-> our TP/PP shards, streamed.
+
+A family contributes only its key map (megatron_ext/models/<family>.py); this module walks it
+one pipeline layer at a time. Memory: HF -> ours holds one (layer, tp rank) output shard plus
+the one full tensor being split; ours -> HF holds the tp shards of one parameter, their merge
+and its HF parts (a few tensors). Tensors keep their dtype, so a round trip is bit-identical.
+
+    iter_from_hf(get_hf, family, config, tp_size)  -> (PipeLayer, tp_rank, {our name: shard})
+    iter_to_hf(get_shard, family, config, tp_size) -> (HF name, tensor), padding removed
+    write_hf(out_dir, ...)                         -> shards + index, config.json,
+                                                      generation_config.json, tokenizer, README
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import torch
+
+from megatron_ext.config import dump_yaml
+from megatron_ext.convert import layout
+from megatron_ext.convert.safetensors_io import (
+    HFCheckpoint,
+    ShardedSafetensorsWriter,
+    TensorSpec,
+    atomic_output_dir,
+)
+from megatron_ext.errors import UserError
+from megatron_ext.models.config import ModelConfig
+from megatron_ext.models.keymap import SPLITS, TRANSFORMS, KeyMapEntry, ModelFamily, expand_key_map
+from megatron_ext.models.presets import FAMILIES
+
+GetHF = Callable[[str], torch.Tensor]
+GetShard = Callable[[int, str], torch.Tensor]
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "merges.txt", "tokenizer.model", "spiece.model",
+)  # fmt: skip
+
+
+def family_of(hf_config: dict, where: str) -> ModelFamily:
+    arch = (hf_config.get("architectures") or [None])[0]
+    for family in FAMILIES.values():
+        if family.hf_architecture == arch or family.name == hf_config.get("model_type"):
+            return family
+    known = ", ".join(f.hf_architecture for f in FAMILIES.values())
+    raise UserError(f"{where}: architecture {arch!r} has no key map; supported: {known}")
+
+
+def read_hf_config(hf_dir: str | Path) -> tuple[ModelFamily, ModelConfig]:
+    path = Path(hf_dir) / "config.json"
+    if not path.is_file():
+        raise UserError(f"{path} is missing; give a Hugging Face model directory")
+    hf_config = json.loads(path.read_text())
+    family = family_of(hf_config, str(path))
+    return family, family.from_hf_config(hf_config)
+
+
+def entries_by_layer(
+    family: ModelFamily, config: ModelConfig
+) -> list[tuple[layout.PipeLayer, list[KeyMapEntry]]]:
+    """The expanded key map grouped by pipeline layer, in layer order."""
+    groups: dict[int, list[KeyMapEntry]] = {}
+    for entry in expand_key_map(family.key_map, config):
+        groups.setdefault(layout.layer_of(entry.ours, config).index, []).append(entry)
+    return [(layer, groups.get(layer.index, [])) for layer in layout.pipeline_layers(config)]
+
+
+def iter_from_hf(
+    get_hf: GetHF, family: ModelFamily, config: ModelConfig, tp_size: int
+) -> Iterator[tuple[layout.PipeLayer, int, dict[str, torch.Tensor]]]:
+    """Our state dict of each (pipeline layer, tp rank), one at a time.
+
+    Each HF tensor is read once per tp rank (from the page cache after the first), so only one
+    full tensor and one output shard are in memory.
+    """
+    config.check_tp(tp_size)
+    for layer, entries in entries_by_layer(family, config):
+        for tp_rank in range(tp_size):
+            state = {}
+            for entry in entries:
+                full = TRANSFORMS[entry.transform][0]([get_hf(k) for k in entry.hf], config)
+                state[entry.ours] = SPLITS[entry.tp_split][0](full, tp_rank, tp_size, config)
+                del full
+            yield layer, tp_rank, state
+
+
+def iter_to_hf(
+    get_shard: GetShard, family: ModelFamily, config: ModelConfig, tp_size: int
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """HF tensors from our shards (vocabulary padding removed; tied aliases left out, as
+    `save_pretrained` does: transformers re-ties them on load)."""
+    config.check_tp(tp_size)
+    for _, entries in entries_by_layer(family, config):
+        for entry in entries:
+            shards = [get_shard(r, entry.ours) for r in range(tp_size)]
+            full = SPLITS[entry.tp_split][1](shards, config)
+            del shards
+            parts = TRANSFORMS[entry.transform][1](full, config)
+            del full
+            for name, tensor in zip(entry.hf, parts, strict=True):
+                yield name, tensor.contiguous()
+
+
+def _meta(spec: TensorSpec) -> torch.Tensor:
+    return torch.empty(spec.shape, dtype=spec.dtype, device="meta")
+
+
+def hf_specs_from_shards(
+    get_spec: Callable[[int, str], TensorSpec],
+    family: ModelFamily,
+    config: ModelConfig,
+    tp_size: int,
+) -> list[TensorSpec]:
+    """The HF tensors `iter_to_hf` will produce, computed on meta tensors (no data read)."""
+    get = lambda r, name: _meta(get_spec(r, name))  # noqa: E731
+    return [
+        TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in iter_to_hf(get, family, config, tp_size)
+    ]
+
+
+def hf_reader(ckpt: HFCheckpoint, family: ModelFamily) -> GetHF:
+    def get(name: str) -> torch.Tensor:
+        if name not in ckpt:
+            raise UserError(
+                f"{ckpt.directory}: no tensor {name}; is it a {family.hf_architecture} "
+                "checkpoint matching its config.json?"
+            )
+        return ckpt.get(name)
+
+    return get
+
+
+def hf_to_stage_state_dicts(
+    hf_dir: str | Path, tp_size: int, pp_size: int
+) -> dict[tuple[int, int], dict[str, torch.Tensor]]:
+    """In memory: {(tp_rank, pp_rank): our state dict of that stage} (small models, tests)."""
+    family, config = read_hf_config(hf_dir)
+    stage_of = {
+        i: s for s, layers in enumerate(layout.stage_layers(config, pp_size)) for i in layers
+    }
+    get = hf_reader(HFCheckpoint(hf_dir), family)
+    out: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+    for layer, tp_rank, state in iter_from_hf(get, family, config, tp_size):
+        out.setdefault((tp_rank, stage_of[layer.index]), {}).update(state)
+    return out
+
+
+def hf_to_pipeline_checkpoint(
+    hf_dir: str | Path, out_root: str | Path, tp_size: int, tag: str = "iter_0000000"
+) -> Path:
+    """HF dir -> a checkpoint root in the trainer's per-layer layout (see layout.py)."""
+    family, config = read_hf_config(hf_dir)
+    get = hf_reader(HFCheckpoint(hf_dir), family)
+    with atomic_output_dir(out_root) as tmp:
+        (tmp / tag).mkdir()
+        for layer, tp_rank, state in iter_from_hf(get, family, config, tp_size):
+            layout.write_layer_file(tmp / tag, layer, tp_rank, state)
+        layout.write_tag_files(tmp, tag, {"model": config.to_dict()})
+    return Path(out_root) / tag
+
+
+def model_card(config: ModelConfig, family: ModelFamily, source: str, run_config: dict) -> str:
+    rows = [
+        ("architecture", family.hf_architecture),
+        ("layers", config.num_layers),
+        ("hidden size", config.hidden_size),
+        ("attention heads", f"{config.num_attention_heads} ({config.num_kv_heads} kv)"),
+        ("vocabulary", config.vocab_size),
+        ("sequence length", config.seq_length),
+    ]
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    run = dump_yaml(run_config) if run_config else "(no run config saved)\n"
+    return (
+        "---\nlibrary_name: transformers\ntags: [megatron-ext]\n---\n\n"
+        f"# Model converted from {source}\n\nConverted by `megatron-ext convert to-hf`.\n\n"
+        f"| | |\n|---|---|\n{table}\n\n"
+        "TODO (model owner): intended use, training data, evaluation, limitations.\n\n"
+        f"## Training run config\n\n```yaml\n{run}```\n"
+    )
+
+
+def write_hf(
+    out_dir: str | Path,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    specs: list[TensorSpec],
+    family: ModelFamily,
+    config: ModelConfig,
+    *,
+    max_shard_size: int = 5 * 10**9,
+    tokenizer_dir: str | Path | None = None,
+    token_ids: dict[str, int] | None = None,
+    run_config: dict | None = None,
+    source: str = "megatron-ext",
+) -> Path:
+    """Write a HF model directory atomically (nothing under `out_dir` unless all succeeds)."""
+    ids = {k: v for k, v in (token_ids or {}).items() if v is not None}
+    dtype = str(specs[0].dtype).removeprefix("torch.") if specs else "float32"
+    hf_config = {"model_type": family.name, **family.to_hf_config(config), **ids}
+    hf_config["torch_dtype"] = dtype
+    with atomic_output_dir(out_dir) as tmp:
+        writer = ShardedSafetensorsWriter(tmp, specs, max_shard_size)
+        for name, tensor in tensors:
+            writer.write(name, tensor)
+        writer.finish()
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        generation = {"_from_model_config": True, **ids}
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        if tokenizer_dir is not None:
+            copied = [f for f in TOKENIZER_FILES if (Path(tokenizer_dir) / f).is_file()]
+            if not copied:
+                raise UserError(
+                    f"{tokenizer_dir}: no tokenizer files ({', '.join(TOKENIZER_FILES)})"
+                )
+            for name in copied:
+                shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
+        (tmp / "README.md").write_text(model_card(config, family, source, run_config or {}))
+    return Path(out_dir)
+
+
+def pipeline_checkpoint_to_hf(ckpt: str | Path, out_dir: str | Path, **kw) -> Path:
+    """A checkpoint of ours (root or tag dir, see layout.py) -> HF model directory."""
+    tag_dir = layout.resolve_tag_dir(ckpt)
+    run_config = layout.read_run_config(tag_dir)
+    config = layout.model_config_of(run_config, str(tag_dir / "config.yaml"))
+    family = FAMILIES[config.family]
+    tp_size = layout.tp_size_of(tag_dir)
+    reader = layout.PipelineCheckpointReader(tag_dir, config)
+    specs = hf_specs_from_shards(reader.spec, family, config, tp_size)
+    tensors = iter_to_hf(reader.get, family, config, tp_size)
+    return write_hf(
+        out_dir, tensors, specs, family, config, run_config=run_config, source=str(tag_dir), **kw
+    )

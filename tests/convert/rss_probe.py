@@ -1,0 +1,86 @@
+"""Peak-memory probe for conversion, run in a fresh process so the figure is its own.
+
+    python -m tests.convert.rss_probe make DIR SIZE_GB   synthetic Llama HF checkpoint (fp32)
+    python -m tests.convert.rss_probe from-hf HF OUT TP  HF -> our pipeline checkpoint
+    python -m tests.convert.rss_probe to-hf CKPT OUT     our pipeline checkpoint -> HF
+The last line printed is JSON: baseline RSS after imports, peak RSS (ru_maxrss), largest
+tensor of the checkpoint, seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+from megatron_ext.convert import driver
+from megatron_ext.convert.safetensors_io import (
+    HFCheckpoint,
+    ShardedSafetensorsWriter,
+    TensorSpec,
+    atomic_output_dir,
+)
+from megatron_ext.models import ModelConfig, get_family
+
+
+def synthetic_config(size_gb: float) -> ModelConfig:
+    """Llama shapes (GQA) with about size_gb GB of fp32 weights; the embedding is largest."""
+    per_layer = 45.2e6 * 4  # hidden 2048, ffn 5632, kv 4 of 16 heads
+    layers = max(1, round((size_gb * 1e9 - 2 * 32000 * 2048 * 4) / per_layer))
+    return ModelConfig(
+        family="llama", num_layers=layers, hidden_size=2048, num_attention_heads=16,
+        num_kv_heads=4, ffn_hidden_size=5632, vocab_size=32000, seq_length=128,
+        position_embedding="rope", norm="rmsnorm", embedding_layernorm=False,
+        activation="swiglu", tied_embeddings=False, bias=False,
+    )  # fmt: skip
+
+
+def make(out: Path, size_gb: float) -> None:
+    config = synthetic_config(size_gb)
+    family = get_family("llama")
+    # HF shapes from the driver on meta tensors of our tp=1 layout.
+    from megatron_ext.convert.meta_check import expected_shard_shapes
+
+    ours = expected_shard_shapes(config, 1)
+    specs = driver.hf_specs_from_shards(
+        lambda r, n: TensorSpec(n, torch.float32, ours[n]), family, config, 1
+    )
+    gen = torch.Generator().manual_seed(0)
+    with atomic_output_dir(out) as tmp:
+        writer = ShardedSafetensorsWriter(tmp, specs, 10**9)
+        for spec in specs:  # one tensor in memory at a time
+            writer.write(spec.name, torch.randn(spec.shape, generator=gen) * 0.02)
+        writer.finish()
+        hf_config = {"model_type": "llama", **family.to_hf_config(config)}
+        (tmp / "config.json").write_text(json.dumps(hf_config))
+
+
+def main(argv: list[str]) -> None:
+    mode, start = argv[0], time.perf_counter()
+    baseline = psutil.Process().memory_info().rss
+    if mode == "make":
+        make(Path(argv[1]), float(argv[2]))
+        return
+    if mode == "from-hf":
+        driver.hf_to_pipeline_checkpoint(argv[1], argv[2], int(argv[3]))
+        largest = max(s.nbytes for s in HFCheckpoint(argv[1]).specs().values())
+    else:
+        out = driver.pipeline_checkpoint_to_hf(argv[1], argv[2])
+        largest = max(s.nbytes for s in HFCheckpoint(out).specs().values())
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    result = {
+        "baseline_rss": baseline,
+        "peak_rss": peak,
+        "largest_tensor": largest,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
