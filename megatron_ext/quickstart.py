@@ -1,8 +1,10 @@
 """`megatron-ext quickstart`: the whole pipeline on the bundled Finnish sample, in one run dir.
 
-Steps so far: train a tokenizer, preprocess the sample into an indexed dataset, inspect it.
-(Training, conversion and evaluation join as those parts land.) Each finished step leaves a
-marker in the run directory, so running the command again continues instead of redoing.
+Steps so far: train a tokenizer, preprocess the sample into an indexed dataset, inspect it,
+train a tiny BLOOM with tensor parallelism (TP=2 over two local processes) in two legs (the
+second resumes the first's checkpoint), evaluate it and plot `loss_curve.png`. Each finished
+step leaves a marker in the run directory, so running the command again continues instead of
+redoing. (Conversion joins as that part lands.)
 """
 
 from __future__ import annotations
@@ -17,6 +19,30 @@ from megatron_ext.log import get_logger
 
 log = get_logger(__name__)
 
+TRAIN_STEPS = 300  # about 50 s at TP=2 on 2 cores (two legs of 150)
+
+
+def train_overrides(prefix: Path, ckpt: Path, vocab_size: int, steps: int) -> list[str]:
+    """The quickstart run: tiny BLOOM, TP=2, seq 64, global batch 8, cosine over `steps`."""
+    return [
+        "model.preset=tiny",
+        f"model.vocab_size={vocab_size}",
+        "parallel.tp=2",
+        f"data.path={prefix}",
+        "data.seq_length=64",
+        "data.split=949,50,1",
+        "train.micro_batch_size=4",
+        "train.global_batch_size=8",
+        "optim.lr=3e-3",
+        "optim.min_lr=3e-4",
+        "optim.warmup_iters=10",
+        f"optim.decay_iters={steps}",  # the same schedule in both legs
+        f"checkpoint.dir={ckpt}",
+        f"checkpoint.interval={max(1, steps // 4)}",
+        "logging.eval_interval=50",
+        "logging.eval_iters=2",
+    ]
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
@@ -28,6 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--vocab-size", type=int, default=8000, help="tokenizer vocabulary (default: 8000)"
     )
     p.add_argument("--workers", type=int, default=2, help="preprocessing workers (default: 2)")
+    p.add_argument("--train-steps", type=int, default=TRAIN_STEPS, help=f"(default: {TRAIN_STEPS})")
 
 
 def _step(run_dir: Path, name: str, fn: Callable[[], dict]) -> dict:
@@ -73,15 +100,46 @@ def run(args: argparse.Namespace) -> int:
         print(summary.format())
         return {"prefix": str(prefix), "documents": summary.documents, "tokens": summary.tokens}
 
+    ckpt = run_dir / "train"
+
+    def train_step() -> dict:
+        from megatron_ext.training.launch import spawn_local
+        from megatron_ext.training.metrics import plot_loss_curve, read_metrics
+
+        base = train_overrides(prefix, ckpt, args.vocab_size, args.train_steps)
+        for leg, steps in enumerate((args.train_steps // 2, args.train_steps), start=1):
+            log.info("training leg %d: to step %d (TP=2, 2 local processes)", leg, steps)
+            code = spawn_local(2, ["train", *base, f"train.iterations={steps}"])
+            if code != 0:
+                raise RuntimeError(f"training leg {leg} failed with exit code {code}")
+        rows = read_metrics(ckpt / "metrics.jsonl")
+        png = plot_loss_curve(ckpt / "metrics.jsonl", run_dir / "loss_curve.png")
+        loss = [r["loss"] for r in rows if r.get("loss") is not None]
+        val = [r["val_loss"] for r in rows if r.get("val_loss") is not None]
+        return {
+            "checkpoint": str(ckpt),
+            "steps": rows[-1]["step"],
+            "first_loss": loss[0],
+            "last_loss": loss[-1],
+            "last_val_loss": val[-1] if val else None,
+            "loss_curve": str(png),
+        }
+
     results = {
         "tokenizer": _step(run_dir, "tokenizer", tokenizer_step),
         "preprocess": _step(run_dir, "preprocess", preprocess_step),
         "dataset": describe(IndexedDataset(prefix)),
+        "train": _step(run_dir, "train", train_step),
     }
     (run_dir / "summary.json").write_text(json.dumps(results, indent=2, ensure_ascii=False))
     info = results["dataset"]
     print(
         f"dataset {prefix}: {info['documents']:,} documents, {info['tokens']:,} tokens ({info['dtype']})"
+    )
+    t = results["train"]
+    print(
+        f"trained tiny BLOOM (TP=2) for {t['steps']} steps: loss {t['first_loss']:.3f} -> "
+        f"{t['last_loss']:.3f}; curve {t['loss_curve']}"
     )
     print(f"summary: {run_dir / 'summary.json'}")
     return 0

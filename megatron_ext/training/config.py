@@ -76,7 +76,9 @@ class CheckpointConfig:
     interval: int = 100
     keep: int = 2  # keep the last K checkpoints
     load: str | None = None  # start from this checkpoint dir (default: resume from `dir`)
-    reset_progress: bool = False  # continued pretraining: weights only, new iteration/optim/schedule
+    reset_progress: bool = (
+        False  # continued pretraining: weights only, new iteration/optim/schedule
+    )
 
 
 @dataclass
@@ -118,7 +120,9 @@ class RunConfig:
 
     def validate(self) -> None:
         if (self.data.path is None) == (self.data.blend is None):
-            raise UserError("give exactly one of data.path (a dataset prefix) or data.blend (a blend YAML)")
+            raise UserError(
+                "give exactly one of data.path (a dataset prefix) or data.blend (a blend YAML)"
+            )
         for name in ("tp", "pp"):
             if getattr(self.parallel, name) < 1:
                 raise UserError(f"parallel.{name} must be at least 1")

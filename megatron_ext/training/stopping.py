@@ -12,7 +12,9 @@ import time
 
 
 class StopConditions:
-    def __init__(self, exit_duration_mins: float | None = None, kill_switch_file: str | None = None):
+    def __init__(
+        self, exit_duration_mins: float | None = None, kill_switch_file: str | None = None
+    ):
         self.start = time.monotonic()
         self.exit_duration_s = None if exit_duration_mins is None else exit_duration_mins * 60.0
         self.kill_switch_file = kill_switch_file
@@ -35,7 +37,10 @@ class StopConditions:
         """Why this rank wants to stop, or None."""
         if self.signal_received is not None:
             return f"signal {signal.Signals(self.signal_received).name}"
-        if self.exit_duration_s is not None and time.monotonic() - self.start >= self.exit_duration_s:
+        if (
+            self.exit_duration_s is not None
+            and time.monotonic() - self.start >= self.exit_duration_s
+        ):
             return f"exit duration of {self.exit_duration_s / 60:g} min reached"
         if self.kill_switch_file and os.path.exists(self.kill_switch_file):
             return f"kill-switch file {self.kill_switch_file} exists"

@@ -1,0 +1,181 @@
+"""Atomic, verified checkpoints of the pipeline engine, and loading with fallback.
+
+Layout of `<checkpoint.dir>`:
+    iter_0000100/          DeepSpeed's per-layer model files, ZeRO-1 optimizer shards,
+                           rng_rank{r}.pt (per rank), config.yaml (the resolved run config),
+                           manifest.json (file names + sizes; written last)
+    latest                 the tag of the newest complete checkpoint
+Saving writes under `iter_XXXXXXX.tmp`, then rank 0 renames it and replaces `latest` (temp file
++ os.replace): a run killed at any point leaves either the old or the new checkpoint complete.
+On load the manifest is checked; a missing/short file or a load error falls back to the previous
+complete checkpoint with a warning, never loading garbage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_ext.config import dump_yaml
+from megatron_ext.log import get_logger
+
+log = get_logger(__name__)
+
+MANIFEST = "manifest.json"
+TAG_RE = re.compile(r"^iter_(\d{7})$")
+
+
+def tag_of(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+def _rng_state() -> dict:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _write_manifest(path: Path) -> None:
+    files = {
+        str(p.relative_to(path)): p.stat().st_size
+        for p in sorted(path.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+    tmp = path / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps({"files": files}, indent=1))
+    os.replace(tmp, path / MANIFEST)
+
+
+def verify(path: Path) -> str | None:
+    """None when the checkpoint dir is complete, else what is wrong."""
+    manifest = path / MANIFEST
+    if not manifest.is_file():
+        return f"{manifest} is missing (half-written checkpoint?)"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError) as exc:
+        return f"{manifest} is unreadable: {exc}"
+    for name, size in files.items():
+        f = path / name
+        if not f.is_file():
+            return f"{f} is missing"
+        if f.stat().st_size != size:
+            return f"{f} has {f.stat().st_size} bytes, the manifest says {size}"
+    return None
+
+
+def write_latest(root: Path, tag: str, name: str = "latest") -> None:
+    tmp = root / f".{name}.tmp"
+    tmp.write_text(tag)
+    os.replace(tmp, root / name)
+
+
+def list_checkpoints(root: Path) -> list[str]:
+    """Complete-looking tags (iter_XXXXXXX directories), oldest first."""
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and TAG_RE.match(p.name))
+
+
+def save(engine, root: str, iteration: int, client_state: dict, run_config, keep: int) -> str:
+    """Save a checkpoint of every rank (collective); returns the final tag."""
+    root_p = Path(root)
+    tag = tag_of(iteration)
+    tmp_tag = tag + ".tmp"
+    rank = dist.get_rank()
+    if rank == 0:
+        shutil.rmtree(root_p / tmp_tag, ignore_errors=True)
+    dist.barrier()
+    engine.ds.save_checkpoint(
+        str(root_p), tag=tmp_tag, client_state=client_state, save_latest=False
+    )
+    torch.save(_rng_state(), root_p / tmp_tag / f"rng_rank{rank}.pt")
+    dist.barrier()
+    if rank == 0:
+        dump_yaml(run_config, root_p / tmp_tag / "config.yaml")
+        _write_manifest(root_p / tmp_tag)
+        final = root_p / tag
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(root_p / tmp_tag, final)
+        write_latest(root_p, tag)
+        for old in list_checkpoints(root_p)[:-keep] if keep > 0 else []:
+            shutil.rmtree(root_p / old, ignore_errors=True)
+            shutil.rmtree(root_p / f"{old}_universal", ignore_errors=True)  # layout-change copy
+        log.info("saved checkpoint %s", final)
+    dist.barrier()
+    return tag
+
+
+def candidates(root: Path) -> list[str]:
+    """Tags to try, newest first: `latest` first, then older complete checkpoints."""
+    tags = list_checkpoints(root)[::-1]
+    latest = root / "latest"
+    if latest.is_file():
+        name = latest.read_text().strip()
+        if name in tags:
+            tags.remove(name)
+            tags.insert(0, name)
+    return tags
+
+
+def _agree(ok: bool) -> bool:
+    flag = torch.tensor([0 if ok else 1], dtype=torch.int64)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item()) == 0
+
+
+def load(
+    engine, root: str, *, weights_only: bool = False, universal_tag: str | None = None
+) -> tuple[str, dict] | None:
+    """Load the newest good checkpoint under `root` (collective). None when there is none.
+
+    weights_only: continued pretraining (reset iteration, optimizer and scheduler).
+    universal_tag: load this converted universal checkpoint (layout change; no RNG states).
+    """
+    root_p = Path(root)
+    for tag in [universal_tag] if universal_tag else candidates(root_p):
+        problem = None if universal_tag else verify(root_p / tag)
+        if not _agree(problem is None):
+            log.warning("checkpoint %s skipped: %s; trying an older one", root_p / tag, problem)
+            continue
+        try:
+            _, client_state = engine.ds.load_checkpoint(
+                str(root_p),
+                tag=tag,
+                load_optimizer_states=not weights_only,
+                load_lr_scheduler_states=not weights_only,
+                load_module_only=weights_only,
+            )
+            ok = client_state is not None or weights_only
+        except Exception as exc:  # noqa: BLE001 - any load failure falls back
+            log.warning("checkpoint %s failed to load: %s", root_p / tag, exc)
+            ok = False
+        if not _agree(ok):
+            log.warning("checkpoint %s not usable on every rank; trying an older one", root_p / tag)
+            continue
+        rng = root_p / tag / f"rng_rank{dist.get_rank()}.pt"
+        if not weights_only and not universal_tag and rng.is_file():
+            _set_rng_state(torch.load(rng, weights_only=False))
+        log.info("loaded checkpoint %s%s", root_p / tag, " (weights only)" if weights_only else "")
+        return tag, client_state or {}
+    return None

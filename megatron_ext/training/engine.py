@@ -1,0 +1,197 @@
+"""The one DeepSpeed adapter: process groups, the pipeline module, optimizer, engine config.
+
+Every DeepSpeed trap measured in ../shared/notes/deepspeed-cpu.md is handled here, each with a
+regression test in tests/training/test_engine.py:
+- the shared-memory comm op JIT-compiles for 36-73 s at the first init: disabled before init;
+- optimizer "Adam" picks FusedAdam (JIT, ~100 s): we pass our own torch.optim.AdamW;
+- bf16 with ZeRO-0 in the pipeline engine cannot reload its checkpoint: always ZeRO stage 1;
+- ZeRO-2/3 are refused with the pipeline engine: stage 1 only;
+- a TiedLayerSpec whose first use has a forward_fn is never saved (see pipeline.layer_specs);
+- `seed_layers=True` passes a numpy int to `random.seed`: we never use it (stage_init_rng);
+- pipeline activation checkpointing with the reentrant function fails on the embedding:
+  non-reentrant torch.utils.checkpoint, only on PipeBlock layers;
+- ~1 in 6-10 gloo runs abort at exit: `shutdown()` ends with barrier + destroy_process_group.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megatron_ext.errors import UserError
+from megatron_ext.log import get_logger
+from megatron_ext.models.config import ModelConfig
+from megatron_ext.parallel.context import ParallelContext
+from megatron_ext.parallel.drift import register_tp_duplicated_grad_hooks
+from megatron_ext.training.config import RunConfig
+from megatron_ext.training.pipeline import LMLoss, layer_specs, partition_method
+from megatron_ext.training.schedule import learning_rate
+
+log = get_logger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def init_distributed(timeout_s: float) -> None:
+    """torch.distributed (gloo on CPU, nccl on GPUs) with a collective timeout, then DeepSpeed's
+    comm layer on top of it. Reads RANK/WORLD_SIZE/MASTER_* (see megatron_ext.training.launch)."""
+    import deepspeed
+
+    # Trap: the first init JIT-compiles a shared-memory comm op (36-73 s on 2 cores).
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(
+            backend,
+            timeout=datetime.timedelta(seconds=timeout_s),
+            rank=int(os.environ.get("RANK", "0")),
+            world_size=int(os.environ.get("WORLD_SIZE", "1")),
+        )
+    deepspeed.init_distributed(
+        dist_backend=dist.get_backend(), timeout=datetime.timedelta(seconds=timeout_s)
+    )
+
+
+def shutdown() -> None:
+    """Trap: gloo runs sometimes abort at exit without a final barrier + destroy."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def deepspeed_config(cfg: RunConfig, dp_size: int, load_universal: bool = False) -> dict:
+    """The DeepSpeed JSON config of a run (ZeRO-1 always; see the module docstring)."""
+    train = cfg.train
+    ds = {
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": cfg.grad_accumulation_steps(dp_size),
+        "train_batch_size": train.global_batch_size,
+        "gradient_clipping": cfg.optim.clip_grad,
+        "zero_optimization": {"stage": 1},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+    }
+    if load_universal:
+        ds["checkpoint"] = {"load_universal": True}
+    if train.precision == "bf16":
+        ds["bf16"] = {"enabled": True}
+    elif train.precision == "fp16":
+        ds["fp16"] = {
+            "enabled": True,
+            "loss_scale": 0,  # dynamic
+            "initial_scale_power": int(torch.tensor(cfg.optim.initial_loss_scale).log2()),
+            "loss_scale_window": 1000,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        }
+    return ds
+
+
+def build_optimizer(module: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
+    """torch AdamW (never FusedAdam); no weight decay on biases and norms (ndim < 2)."""
+    decay, no_decay = [], []
+    for p in module.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 else decay).append(p)
+    o = cfg.optim
+    groups = [
+        {"params": decay, "weight_decay": o.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+
+
+def _lr_factor(step: int, cfg: RunConfig) -> float:
+    return learning_rate(step, cfg.optim, cfg.train.iterations) / cfg.optim.lr
+
+
+def _checkpoint_fn(function, *args):
+    # Trap: the reentrant checkpoint fails on the pipeline's embedding layer.
+    return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False)
+
+
+def _mark_tensor_parallel(module: torch.nn.Module) -> None:
+    """DeepSpeed's grad norm counts a parameter on every TP rank only when it is marked
+    `tensor_model_parallel`; the rest (duplicated) once, on TP rank 0."""
+    for p in module.parameters():
+        if getattr(p, "tensor_parallel", False):
+            p.tensor_model_parallel = True
+
+
+@dataclass
+class Engine:
+    """The DeepSpeed pipeline engine of this rank plus our context and loss function."""
+
+    ds: object  # deepspeed.runtime.pipe.engine.PipelineEngine
+    ctx: ParallelContext
+    model_config: ModelConfig
+    loss_fn: LMLoss
+    parts: list[int]
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.ds.module
+
+    def grad_norm(self) -> float | None:
+        norm = self.ds.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    def loss_scale(self) -> float | None:
+        opt = getattr(self.ds, "optimizer", None)
+        scale = getattr(opt, "loss_scale", None) if opt is not None else None
+        return None if scale is None else float(scale)
+
+    def lr(self) -> float:
+        return float(self.ds.optimizer.param_groups[0]["lr"])
+
+
+def build_engine(cfg: RunConfig, model_config: ModelConfig, load_universal: bool = False) -> Engine:
+    """Build this rank's pipeline stage and the DeepSpeed engine (collective: all ranks)."""
+    import deepspeed
+    from deepspeed.pipe import PipelineModule
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+    if cfg.train.precision == "fp16" and not deepspeed.get_accelerator().is_fp16_supported():
+        raise UserError(
+            "train.precision=fp16: DeepSpeed's accelerator on this machine "
+            f"({deepspeed.get_accelerator().device_name()}) has no fp16; use bf16 (or fp32) here"
+        )
+    world = dist.get_world_size()
+    tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    dp = cfg.data_parallel_size(world)
+    model_config.check_tp(tp)
+    ctx = ParallelContext.from_sizes(tp, pp, dp, sequence_parallel=cfg.parallel.sequence_parallel)
+    topology = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp)
+    loss_fn = LMLoss(ctx, model_config.vocab_size)
+    ckpt = cfg.train.activation_checkpointing
+    interval = {"none": 0, "full": 1, "every": cfg.train.checkpoint_every_layers}[ckpt]
+    module = PipelineModule(
+        layers=layer_specs(model_config, ctx, cfg.train.seed),
+        topology=topology,
+        loss_fn=loss_fn,
+        partition_method=partition_method(cfg.parallel.partition_method),
+        activation_checkpoint_interval=interval,
+        activation_checkpoint_func=_checkpoint_fn,
+        checkpointable_layers=["PipeBlock"],
+    )
+    dtype = DTYPES[cfg.train.precision]
+    if dtype != torch.float32:
+        module.to(dtype)  # DeepSpeed keeps fp32 master weights in its ZeRO-1 optimizer
+    _mark_tensor_parallel(module)
+    register_tp_duplicated_grad_hooks(module, ctx)
+    optimizer = build_optimizer(module, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(_lr_factor, cfg=cfg))
+    ds, _, _, _ = deepspeed.initialize(
+        model=module,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(cfg, dp, load_universal),
+    )
+    return Engine(ds, ctx, model_config, loss_fn, list(module.parts))

@@ -1,0 +1,139 @@
+"""`megatron-ext evaluate --checkpoint DIR --data-path PREFIX [--seq-length L] [--num-samples N]
+[--json]`: validation loss and perplexity of a checkpoint over a dataset.
+
+The model comes from the checkpoint's saved `config.yaml`; the layout is free (`--tp`, `--pp`,
+dp = the remaining ranks; same launchers as `train`, or `--nproc-per-node N`). The checkpoint's
+per-layer files load at any pipeline or data-parallel size; a different TP size needs the
+layout-change conversion (not yet available: the error says so).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import sys
+from pathlib import Path
+
+from megatron_ext.config import from_dict, read_yaml
+from megatron_ext.errors import UserError
+from megatron_ext.log import get_logger
+from megatron_ext.training.config import RunConfig
+
+log = get_logger(__name__)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="a checkpoint dir (its `latest` is used)")
+    p.add_argument("--data-path", required=True, help="dataset prefix (.bin/.idx)")
+    p.add_argument("--seq-length", type=int, default=None, help="default: the run's")
+    p.add_argument("--num-samples", type=int, default=64)
+    p.add_argument("--micro-batch-size", type=int, default=4)
+    p.add_argument("--tp", type=int, default=None, help="default: the checkpoint's")
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--nproc-per-node", type=int, default=None)
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def _checkpoint_config(ckpt: Path) -> RunConfig:
+    latest = ckpt / "latest"
+    if not latest.is_file():
+        raise UserError(f"{ckpt}: no `latest` file; is this a megatron-ext checkpoint dir?")
+    cfg_path = ckpt / latest.read_text().strip() / "config.yaml"
+    return from_dict(RunConfig, read_yaml(cfg_path), where=str(cfg_path))
+
+
+def eval_config(args: argparse.Namespace, world_size: int) -> RunConfig:
+    cfg = _checkpoint_config(Path(args.checkpoint))
+    saved_tp = cfg.parallel.tp
+    cfg.parallel.tp = args.tp or saved_tp
+    cfg.parallel.pp = args.pp
+    if cfg.parallel.tp != saved_tp:
+        raise UserError(
+            f"{args.checkpoint} was saved at tp={saved_tp}; evaluating at tp={cfg.parallel.tp} "
+            "needs TP re-slicing, which is not implemented yet: use --tp " + str(saved_tp)
+        )
+    dp = cfg.data_parallel_size(world_size)
+    cfg.data.path, cfg.data.blend = args.data_path, None
+    cfg.data.seq_length = args.seq_length or cfg.data.seq_length
+    cfg.train.micro_batch_size = args.micro_batch_size
+    cfg.train.global_batch_size = args.micro_batch_size * dp
+    cfg.checkpoint.load = args.checkpoint
+    return cfg
+
+
+def evaluate_here(args: argparse.Namespace) -> dict:
+    import torch.distributed as dist
+
+    from megatron_ext.data.blend import build_datasets
+    from megatron_ext.models.config import resolve_model_config
+    from megatron_ext.training import checkpointing
+    from megatron_ext.training import engine as engine_mod
+    from megatron_ext.training.launch import export_dist_env
+    from megatron_ext.training.trainer import evaluate_loss
+
+    export_dist_env()
+    engine_mod.init_distributed(600.0)
+    cfg = eval_config(args, dist.get_world_size())
+    model_config = resolve_model_config(cfg.model)
+    model_config.seq_length = max(model_config.seq_length, cfg.data.seq_length)
+    engine = engine_mod.build_engine(cfg, model_config)
+    if checkpointing.load(engine, args.checkpoint, weights_only=True) is None:
+        raise UserError(f"{args.checkpoint}: no complete checkpoint to evaluate")
+    gbs = cfg.train.global_batch_size
+    num_batches = max(1, args.num_samples // gbs)
+    (dataset, _, _) = build_datasets(
+        cfg.data.path,
+        cfg.data.seq_length,
+        (num_batches * gbs, 0, 0),
+        split="1,0,0",
+        seed=cfg.data.seed,
+    )
+    loss = evaluate_loss(engine, dataset, num_batches, cfg.train.micro_batch_size)
+    engine_mod.shutdown()
+    return {
+        "checkpoint": args.checkpoint,
+        "data_path": args.data_path,
+        "samples": num_batches * gbs,
+        "seq_length": cfg.data.seq_length,
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 50.0)),
+        "layout": {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "dp": engine.ctx.dp_size},
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.nproc_per_node:
+        from megatron_ext.training.launch import spawn_local
+
+        argv = [
+            "evaluate",
+            "--checkpoint",
+            args.checkpoint,
+            "--data-path",
+            args.data_path,
+            "--num-samples",
+            str(args.num_samples),
+            "--micro-batch-size",
+            str(args.micro_batch_size),
+            "--pp",
+            str(args.pp),
+        ]
+        argv += ["--seq-length", str(args.seq_length)] if args.seq_length else []
+        argv += ["--tp", str(args.tp)] if args.tp else []
+        argv += ["--json"] if args.json else []
+        return spawn_local(args.nproc_per_node, argv)
+    from megatron_ext.log import global_rank
+
+    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed prints to stdout; ours is the JSON
+        result = evaluate_here(args)
+    if global_rank() == 0:  # the command's output, on rank 0 only
+        if args.json:
+            print(json.dumps(result))
+        else:
+            print(
+                f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.2f}  "
+                f"({result['samples']} samples of {result['seq_length']} tokens)"
+            )
+    return 0

@@ -1,0 +1,141 @@
+"""`megatron-ext train --config RUN.yaml [section.key=value ...] [--nproc-per-node N] [--dry-run]`.
+
+Under torchrun, the deepspeed launcher, `srun` or `mpirun` each process runs this command once;
+with `--nproc-per-node N` the command spawns N local ranks itself (laptops and tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from megatron_ext.config import apply_overrides, dump_yaml, from_dict, read_yaml, to_dict
+from megatron_ext.log import get_logger
+from megatron_ext.training.config import RunConfig
+
+log = get_logger(__name__)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="run YAML (model, parallel, data, train, optim, checkpoint)")
+    p.add_argument(
+        "overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4 parallel.tp=2"
+    )
+    p.add_argument("--nproc-per-node", type=int, default=None, help="spawn N local ranks")
+    p.add_argument("--dry-run", action="store_true", help="print config, layout, memory; exit")
+    p.add_argument(
+        "--reset-progress",
+        action="store_true",
+        help="continued pretraining: load weights only (checkpoint.load), new schedule",
+    )
+    p.add_argument("--exit-duration-in-mins", type=float, default=None)
+    p.add_argument("--kill-switch-file", default=None)
+
+
+def resolve_config(args: argparse.Namespace) -> RunConfig:
+    data = read_yaml(args.config) if args.config else {}
+    apply_overrides(data, list(args.overrides))
+    cfg = from_dict(RunConfig, data, where=args.config or "config")
+    if args.reset_progress:
+        cfg.checkpoint.reset_progress = True
+    if args.exit_duration_in_mins is not None:
+        cfg.train.exit_duration_in_mins = args.exit_duration_in_mins
+    if args.kill_switch_file is not None:
+        cfg.train.kill_switch_file = args.kill_switch_file
+    cfg.validate()
+    return cfg
+
+
+def dry_run_report(cfg: RunConfig, world_size: int) -> dict:
+    """Resolved config, layout, parameters per stage and a memory estimate (no processes)."""
+    from megatron_ext.models.config import resolve_model_config
+    from megatron_ext.models.model import count_parameters
+    from megatron_ext.planner.memory import Layout, estimate_stages
+    from megatron_ext.training.pipeline import partition_report
+
+    model = resolve_model_config(cfg.model)
+    model.seq_length = cfg.data.seq_length
+    dp = cfg.data_parallel_size(world_size)
+    tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    model.check_tp(tp)
+    report = partition_report(model, pp, tp, cfg.parallel.partition_method)
+    recompute = "none" if cfg.train.activation_checkpointing == "none" else "full"
+    layout = Layout(
+        tp, pp, dp, cfg.train.micro_batch_size, recompute, cfg.parallel.sequence_parallel
+    )
+    stages = estimate_stages(
+        model, layout, cfg.data.seq_length, cfg.train.global_batch_size, cfg.train.precision
+    )
+    return {
+        "config": to_dict(cfg),
+        "layout": {
+            "tp": tp,
+            "pp": pp,
+            "dp": dp,
+            "world_size": world_size,
+            "grad_accumulation_steps": cfg.grad_accumulation_steps(dp),
+        },
+        "parameters": count_parameters(model, tp)["num_parameters"],
+        "stages": [
+            {
+                "stage": i,
+                "layers": report.names[report.parts[i] : report.parts[i + 1]],
+                "params_per_tp_rank": report.params[i],
+                "memory_gb": round(stages[i].total / 2**30, 4),
+            }
+            for i in range(pp)
+        ],
+        "partition": report.format(),
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = resolve_config(args)
+    if args.dry_run:
+        world = (
+            args.nproc_per_node
+            or int(os.environ.get("WORLD_SIZE", "0"))
+            or (cfg.parallel.tp * cfg.parallel.pp)
+        )
+        report = dry_run_report(cfg, world)
+        print(dump_yaml(cfg), end="")
+        print(report["partition"])
+        print(
+            json.dumps(
+                {k: v for k, v in report.items() if k not in ("config", "partition")}, indent=2
+            )
+        )
+        return 0
+    if args.nproc_per_node:
+        from megatron_ext.training.launch import spawn_local
+
+        argv = ["train", *(["--config", args.config] if args.config else []), *args.overrides]
+        if args.reset_progress:
+            argv.append("--reset-progress")
+        if args.exit_duration_in_mins is not None:
+            argv += ["--exit-duration-in-mins", str(args.exit_duration_in_mins)]
+        if args.kill_switch_file:
+            argv += ["--kill-switch-file", args.kill_switch_file]
+        return spawn_local(args.nproc_per_node, argv)
+    return train_here(cfg)
+
+
+def train_here(cfg: RunConfig) -> int:
+    """This process is one rank of the run (the launcher set the environment)."""
+    from megatron_ext.training import engine as engine_mod
+    from megatron_ext.training.launch import export_dist_env
+    from megatron_ext.training.trainer import NonFiniteLossError, train
+
+    export_dist_env()
+    engine_mod.init_distributed(cfg.train.collective_timeout_s)
+    try:
+        result = train(cfg)
+    except NonFiniteLossError as exc:
+        log.error("%s", exc)
+        engine_mod.shutdown()
+        return 3
+    engine_mod.shutdown()
+    if result["stopped"]:
+        log.info("exited cleanly after step %d: %s", result["iteration"], result["stopped"])
+    return 0

@@ -1,0 +1,224 @@
+"""The training loop: build, resume, then one `train_batch` per step until done or told to stop.
+
+Each step: (stop check agreed by all ranks) -> train_batch over the global batch -> non-finite
+check -> metrics -> validation every K steps -> checkpoint every N steps.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megatron_ext.errors import UserError
+from megatron_ext.log import get_logger
+from megatron_ext.models.config import resolve_model_config
+from megatron_ext.models.model import count_parameters
+from megatron_ext.training import checkpointing, universal
+from megatron_ext.training.config import RunConfig
+from megatron_ext.training.data import build_run_datasets, micro_batches
+from megatron_ext.training.engine import Engine, build_engine
+from megatron_ext.training.metrics import MetricsWriter, flops_per_token, peak_memory_gb
+from megatron_ext.training.stopping import StopConditions
+
+log = get_logger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainState:
+    iteration: int = 0
+    consumed_samples: int = 0
+    nonfinite_in_a_row: int = 0
+
+
+def _stop_reason(stop: StopConditions) -> str | None:
+    """All ranks agree: one rank's signal stops everyone after the same step."""
+    reason = stop.local_reason()
+    flag = torch.tensor([0 if reason is None else 1], dtype=torch.int64)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return (reason or "another rank asked to stop") if flag.item() else None
+
+
+def _named(engine: Engine, step: int, exc: Exception) -> RuntimeError:
+    c = engine.ctx
+    return RuntimeError(
+        f"step {step}: rank {c.rank} (pipeline stage {c.pp_rank}/{c.pp_size}, tp {c.tp_rank}, "
+        f"dp {c.dp_rank}) failed in a collective (a peer died or the collective timed out "
+        f"after train.collective_timeout_s): {exc}"
+    )
+
+
+def _run_step(engine: Engine, batches, stop: StopConditions, step: int) -> tuple[str | None, float]:
+    """(stop reason, None) or (None, loss of one optimizer step over the global batch).
+
+    A hung or broken collective (a rank died) raises an error naming this rank's stage."""
+    try:
+        reason = _stop_reason(stop)
+        if reason is not None:
+            return reason, float("nan")
+        return None, float(engine.ds.train_batch(batches))
+    except RuntimeError as exc:
+        raise _named(engine, step, exc) from exc
+
+
+def evaluate_loss(engine: Engine, dataset, num_batches: int, micro_batch_size: int) -> float:
+    """Mean loss over `num_batches` global batches of `dataset` from its start."""
+    c = engine.ctx
+    batches = micro_batches(dataset, 0, micro_batch_size, c.dp_rank, c.dp_size)
+    gas = engine.ds.gradient_accumulation_steps()
+    losses = [
+        float(engine.ds.eval_batch(batches, num_micro_batches=gas)) for _ in range(num_batches)
+    ]
+    return sum(losses) / len(losses)
+
+
+def _universal_tag(cfg: RunConfig) -> str | None:
+    """The checkpoint to convert when checkpoint.dir was saved at another (pp, dp) layout."""
+    world = dist.get_world_size()
+    return universal.needs_universal(
+        cfg.checkpoint.dir, cfg.parallel.tp, cfg.parallel.pp, cfg.data_parallel_size(world)
+    )
+
+
+def _resume(engine: Engine, cfg: RunConfig, universal_tag: str | None) -> TrainState:
+    """Resume from checkpoint.dir when it holds a checkpoint (also a restarted continued
+    pretraining run); else start from checkpoint.load (weights only with reset_progress)."""
+    own = cfg.checkpoint.dir
+    if universal_tag:
+        tag = universal.convert(own, universal_tag)
+        found, reset = checkpointing.load(engine, own, universal_tag=tag), False
+    elif checkpointing.candidates(Path(own)) or not cfg.checkpoint.load:
+        found, reset = checkpointing.load(engine, own), False
+    else:
+        reset = cfg.checkpoint.reset_progress
+        found = checkpointing.load(engine, cfg.checkpoint.load, weights_only=reset)
+        if found is None:
+            raise UserError(f"checkpoint.load={cfg.checkpoint.load}: no complete checkpoint there")
+    if found is None:
+        return TrainState()
+    if reset:
+        log.info("reset progress: weights from %s, new iteration/optimizer/schedule", found[0])
+        return TrainState()
+    client = found[1]
+    return TrainState(client.get("iteration", 0), client.get("consumed_samples", 0))
+
+
+def _client_state(state: TrainState, engine: Engine, cfg: RunConfig) -> dict:
+    return {
+        "iteration": state.iteration,
+        "consumed_samples": state.consumed_samples,
+        "layout": {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "dp": engine.ctx.dp_size},
+        "universal_checkpoint_info": universal.universal_info(engine.model_config),
+    }
+
+
+def train(cfg: RunConfig) -> dict:
+    """Run (or resume) training; returns {"iteration", "stopped", "loss"}. Collective."""
+    model_config = resolve_model_config(cfg.model)
+    model_config.seq_length = cfg.data.seq_length
+    universal_tag = _universal_tag(cfg)
+    engine = build_engine(cfg, model_config, load_universal=universal_tag is not None)
+    c = engine.ctx
+    train_ds, valid_ds, _ = build_run_datasets(cfg)
+    state = _resume(engine, cfg, universal_tag)
+    metrics = MetricsWriter(
+        cfg.checkpoint.dir, c.rank == 0, cfg.logging.tensorboard, resume_step=state.iteration
+    )
+    batches = micro_batches(
+        train_ds,
+        state.consumed_samples,
+        cfg.train.micro_batch_size,
+        c.dp_rank,
+        c.dp_size,
+        cfg.data.num_workers,
+    )
+    stop = StopConditions(cfg.train.exit_duration_in_mins, cfg.train.kill_switch_file)
+    stop.install()
+    num_params = count_parameters(model_config)["num_parameters"]
+    tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_length
+    flops_step = flops_per_token(model_config, cfg.data.seq_length, num_params) * tokens_per_step
+    inject = set(cfg.train.inject_nonfinite_steps or [])
+    result = {"iteration": state.iteration, "stopped": None, "loss": None}
+    last_saved = state.iteration
+    try:
+        while state.iteration < cfg.train.iterations:
+            step = state.iteration + 1
+            engine.loss_fn.poison = step in inject
+            lr = engine.lr()  # the scheduler moves on inside train_batch
+            start = time.perf_counter()
+            reason, loss = _run_step(engine, batches, stop, step)
+            if reason is not None:
+                result["stopped"] = reason
+                break
+            elapsed = time.perf_counter() - start
+            state.iteration = step
+            state.consumed_samples += cfg.train.global_batch_size
+            finite = math.isfinite(loss)
+            state.nonfinite_in_a_row = 0 if finite else state.nonfinite_in_a_row + 1
+            tflops = flops_step / elapsed / c.world_size / 1e12
+            row = {
+                "step": step,
+                "loss": loss if finite else None,
+                "skipped": not finite,
+                "lr": lr,
+                "grad_norm": engine.grad_norm() if finite else None,
+                "loss_scale": engine.loss_scale(),
+                "tokens_per_s": tokens_per_step / elapsed,
+                "tflops_per_device": tflops,
+                "mfu": tflops / cfg.logging.peak_tflops if cfg.logging.peak_tflops else None,
+                "peak_memory_gb": peak_memory_gb(),
+                "consumed_samples": state.consumed_samples,
+            }
+            if not finite:
+                log.warning("step %d: non-finite loss, optimizer step skipped", step)
+                if state.nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
+                    raise NonFiniteLossError(
+                        f"{state.nonfinite_in_a_row} non-finite losses in a row (up to step {step});"
+                        f" the last good checkpoint in {cfg.checkpoint.dir} is kept"
+                    )
+            ev = cfg.logging.eval_interval
+            if ev and valid_ds is not None and step % ev == 0:
+                row["val_loss"] = evaluate_loss(
+                    engine, valid_ds, cfg.logging.eval_iters, cfg.train.micro_batch_size
+                )
+                row["val_ppl"] = math.exp(min(row["val_loss"], 50.0))
+            if step % cfg.logging.interval == 0 or not finite:
+                metrics.write(row)
+            result["loss"] = row["loss"]
+            # no checkpoint inside a non-finite streak: the last good one stays the newest
+            if step % cfg.checkpoint.interval == 0 and finite:
+                checkpointing.save(
+                    engine,
+                    cfg.checkpoint.dir,
+                    step,
+                    _client_state(state, engine, cfg),
+                    cfg,
+                    cfg.checkpoint.keep,
+                )
+                last_saved = step
+        if state.iteration != last_saved:
+            checkpointing.save(
+                engine,
+                cfg.checkpoint.dir,
+                state.iteration,
+                _client_state(state, engine, cfg),
+                cfg,
+                cfg.checkpoint.keep,
+            )
+        if result["stopped"]:
+            log.info(
+                "stopping at step %d: %s (checkpoint saved)", state.iteration, result["stopped"]
+            )
+    finally:
+        stop.uninstall()
+        metrics.close()
+    result["iteration"] = state.iteration
+    return result

@@ -1,0 +1,125 @@
+"""Layout change: resume a checkpoint saved at another pipeline or data-parallel size through
+DeepSpeed's universal checkpoint (model, ZeRO-1 optimizer state and schedule all carried over).
+
+Traps handled here (regression test: tests/training/test_layout_change.py):
+- `ds_to_universal` needs `universal_checkpoint_info` in the saved client_state: every
+  checkpoint carries it (`universal_info`), with the TP patterns of our parameter names;
+- it does not write `latest_universal`: we write it.
+TP size changes: the fused QKV rows are grouped per kv head ([nkv, g + 2, hn]), so TP shards
+concatenate to the full weight when both TP sizes divide the kv heads (otherwise refused with a
+clear error); the SwiGLU fc1 shards are [gate_r; up_r] (DeepSpeed's 2-sub-params pattern);
+vocabulary rows are unpadded on merge and re-padded for the new TP size.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch.distributed as dist
+
+from megatron_ext.config import from_dict, read_yaml
+from megatron_ext.errors import UserError
+from megatron_ext.log import get_logger
+from megatron_ext.models.config import ModelConfig
+from megatron_ext.training import checkpointing
+
+log = get_logger(__name__)
+
+SUFFIX = "_universal"
+
+
+def universal_info(model: ModelConfig) -> dict:
+    """client_state["universal_checkpoint_info"]: how each of our parameters is split over TP.
+
+    Only patterns that match a parameter of this model (the converter's strict mode rejects
+    unused ones)."""
+    from deepspeed.checkpoint import constants as c
+
+    replicated = [r".*norm\.weight$"]
+    if model.norm == "layernorm":
+        replicated.append(r".*norm\.bias$")
+    if model.bias:
+        replicated += [r".*linear_proj\.bias$", r".*linear_fc2\.bias$"]
+    if model.position_embedding == "learned":
+        replicated.append(r".*position_embeddings$")
+    info = {
+        c.UNIVERSAL_CHECKPOINT_VERSION_KEY: c.UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+        c.TP_REPLICATED_PARAMETER_PATTERNS: replicated,
+        # vocabulary rows are padded per TP size: merged without padding, re-padded on load
+        c.VOCABULARY_PARAMETER_PATTERNS: [r".*word_embeddings\.weight$"]
+        + ([] if model.tied_embeddings else [r".*output_layer\.weight$"]),
+        c.ORIGINAL_VOCAB_SIZE: model.vocab_size,
+        c.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: [
+            r".*linear_proj\.weight$",
+            r".*linear_fc2\.weight$",
+        ],
+    }
+    if model.activation == "swiglu":  # each TP shard is [gate_r; up_r]
+        info["parameter_with_2_sub_params_cat_dim_0"] = [r".*linear_fc1\.weight$"]
+    return info
+
+
+def saved_layout(root: str) -> tuple[str, dict] | None:
+    """(tag, {"tp", "pp", "dp"}) of the checkpoint a resume from `root` would try first."""
+    tags = checkpointing.candidates(Path(root))
+    for tag in tags:
+        if checkpointing.verify(Path(root) / tag) is None:
+            from megatron_ext.training.config import RunConfig
+
+            cfg_path = Path(root) / tag / "config.yaml"
+            cfg = from_dict(RunConfig, read_yaml(cfg_path), where=str(cfg_path))
+            dp = sum(1 for _ in (Path(root) / tag).glob("rng_rank*.pt")) // (
+                cfg.parallel.tp * cfg.parallel.pp
+            )
+            return tag, {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "dp": dp}
+    return None
+
+
+def saved_num_kv_heads(root: str, tag: str) -> int:
+    from megatron_ext.models.config import resolve_model_config
+
+    data = read_yaml(Path(root) / tag / "config.yaml")
+    return resolve_model_config(data["model"]).num_kv_heads
+
+
+def needs_universal(root: str, tp: int, pp: int, dp: int) -> str | None:
+    """The tag to convert when the newest checkpoint under `root` has another layout."""
+    found = saved_layout(root)
+    if found is None:
+        return None
+    tag, layout = found
+    if layout == {"tp": tp, "pp": pp, "dp": dp}:
+        return None
+    kv_heads = saved_num_kv_heads(root, tag)
+    if layout["tp"] != tp and (kv_heads % tp or kv_heads % layout["tp"]):
+        raise UserError(
+            f"{Path(root) / tag} was saved at tp={layout['tp']}; resuming at tp={tp} with "
+            f"{kv_heads} key/value heads splits a kv group's fused QKV rows across ranks, which "
+            "the universal checkpoint cannot re-slice. Choose a TP size dividing the kv heads."
+        )
+    log.info(
+        "layout change %s -> tp=%d pp=%d dp=%d: via a universal checkpoint", layout, tp, pp, dp
+    )
+    return tag
+
+
+def convert(root: str, tag: str) -> str:
+    """Rank 0 converts `tag` to `<tag>_universal` (once), all ranks wait. Returns the new tag."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    out = Path(root) / (tag + SUFFIX)
+    if dist.get_rank() == 0 and not (out / "zero").is_dir():
+        args = argparse.Namespace(
+            input_folder=str(Path(root) / tag),
+            output_folder=str(out),
+            num_extract_workers=1,
+            num_merge_workers=1,
+            keep_temp_folder=False,
+            strict=True,
+            inject_missing_state=False,
+        )
+        ds_to_universal.main(args)
+        checkpointing.write_latest(Path(root), out.name, "latest_universal")  # trap: not written
+    dist.barrier()
+    return out.name

@@ -1,0 +1,176 @@
+"""Fault tolerance: SIGKILL + restart is bit-exact, signals and kill switch save and exit 0,
+non-finite losses are skipped (K in a row abort), broken checkpoints are never loaded."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from tests.training.helpers import env, losses, metrics, run_train, train_cmd
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()[1][-4000:]
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.005)
+
+
+def test_sigkill_and_resume_is_bit_exact(fi_dataset, tmp_path):
+    args = ("train.iterations=30", "checkpoint.interval=5", "checkpoint.keep=10")
+    run_train("bloom", fi_dataset, tmp_path / "ref", *args)
+    ref = losses(tmp_path / "ref")
+
+    ckpt = tmp_path / "killed"
+    proc = subprocess.Popen(
+        train_cmd("bloom", fi_dataset, ckpt, *args),
+        env=env(),
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    _wait_for(ckpt / "iter_0000005" / "manifest.json", proc)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    killed_at = (ckpt / "latest").read_text().strip()
+    assert killed_at != "iter_0000030", "the run finished before the kill; nothing tested"
+
+    resumed = run_train("bloom", fi_dataset, ckpt, *args)
+    assert f"loaded checkpoint {ckpt / killed_at}" in resumed.stderr
+    got = losses(ckpt)
+    assert sorted(got) == list(range(1, 31))
+    assert got == ref  # bit for bit (JSON keeps every digit of the float)
+
+
+def test_sigusr1_saves_and_exits_zero(fi_dataset, tmp_path):
+    ckpt = tmp_path / "sig"
+    cmd = train_cmd(
+        "bloom",
+        fi_dataset,
+        ckpt,
+        "parallel.pp=2",
+        "train.iterations=100000",
+        "checkpoint.interval=100000",
+        "optim.decay_style=constant",
+        nproc=2,
+    )
+    proc = subprocess.Popen(
+        cmd, env=env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    _wait_for(ckpt / "metrics.jsonl", proc)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGUSR1)  # to the launcher, which forwards it to both ranks
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-4000:]
+    assert "stopping at step" in err and "signal SIGUSR1" in err
+    last = metrics(ckpt)[-1]["step"]
+    assert (ckpt / "latest").read_text().strip() == f"iter_{last:07d}"
+    assert (ckpt / f"iter_{last:07d}" / "config.yaml").is_file()
+
+
+def test_kill_switch_file_saves_and_exits_zero(fi_dataset, tmp_path):
+    ckpt, switch = tmp_path / "ks", tmp_path / "STOP"
+    cmd = train_cmd(
+        "bloom",
+        fi_dataset,
+        ckpt,
+        "train.iterations=100000",
+        "checkpoint.interval=100000",
+        f"train.kill_switch_file={switch}",
+    )
+    proc = subprocess.Popen(
+        cmd, env=env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    _wait_for(ckpt / "metrics.jsonl", proc)
+    switch.write_text("")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-4000:]
+    assert "kill-switch file" in err
+    last = metrics(ckpt)[-1]["step"]
+    assert (ckpt / "latest").read_text().strip() == f"iter_{last:07d}"
+
+
+def test_nonfinite_loss_is_skipped_then_aborts(fi_dataset, tmp_path):
+    ckpt = tmp_path / "nan"
+    run_train(
+        "bloom",
+        fi_dataset,
+        ckpt,
+        "train.iterations=6",
+        "checkpoint.interval=100",
+        "train.inject_nonfinite_steps=[3]",
+    )
+    rows = {r["step"]: r for r in metrics(ckpt)}
+    assert rows[3]["skipped"] and rows[3]["loss"] is None
+    assert all(rows[s]["loss"] is not None for s in (1, 2, 4, 5, 6))  # weights stayed finite
+
+    ckpt = tmp_path / "abort"
+    proc = run_train(
+        "bloom",
+        fi_dataset,
+        ckpt,
+        "train.iterations=10",
+        "checkpoint.interval=2",
+        "train.inject_nonfinite_steps=[3,4,5]",
+        "train.max_nonfinite_steps=3",
+        check=False,
+    )
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "3 non-finite losses in a row" in proc.stderr
+    assert (ckpt / "latest").read_text().strip() == "iter_0000002"  # the last good one kept
+
+
+def test_broken_checkpoint_falls_back(fi_dataset, tmp_path):
+    args = ("train.iterations=6", "checkpoint.interval=2", "checkpoint.keep=3")
+    ref_dir = tmp_path / "ref"
+    run_train("bloom", fi_dataset, ref_dir, *args)
+    ref = losses(ref_dir)
+    for damage in ("truncate", "no_manifest", "garbage"):
+        ckpt = tmp_path / damage
+        shutil.copytree(ref_dir, ckpt)
+        newest = ckpt / "iter_0000006"
+        layer = newest / "layer_01-model_00-model_states.pt"
+        if damage == "truncate":
+            layer.write_bytes(layer.read_bytes()[:100])
+        elif damage == "no_manifest":  # killed before the manifest was written
+            (newest / "manifest.json").unlink()
+        else:  # same size, garbage content: the manifest passes, the load fails
+            layer.write_bytes(b"\0" * layer.stat().st_size)
+        (ckpt / "metrics.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in metrics(ckpt) if r["step"] <= 4)
+        )
+        proc = run_train("bloom", fi_dataset, ckpt, *args)
+        assert "iter_0000006" in proc.stderr and "WARNING" in proc.stderr, damage
+        assert f"loaded checkpoint {ckpt / 'iter_0000004'}" in proc.stderr, damage
+        assert losses(ckpt) == ref, damage
+
+
+def test_dead_rank_gives_an_error_naming_the_stage(fi_dataset, tmp_path):
+    import psutil
+
+    ckpt = tmp_path / "dead"
+    cmd = train_cmd(
+        "bloom",
+        fi_dataset,
+        ckpt,
+        "parallel.pp=2",
+        "train.iterations=100000",
+        "checkpoint.interval=100000",
+        "train.collective_timeout_s=30",
+        nproc=2,
+    )
+    proc = subprocess.Popen(
+        cmd, env=env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    _wait_for(ckpt / "metrics.jsonl", proc)
+    ranks = sorted(psutil.Process(proc.pid).children(), key=lambda p: p.environ()["RANK"])
+    ranks[1].kill()  # the last pipeline stage dies mid-run
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "rank 0 (pipeline stage 0/2, tp 0, dp 0) failed in a collective" in err, err[-3000:]

@@ -1,0 +1,68 @@
+"""Unit tests of the training pieces that need no processes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_ext.config import from_dict
+from megatron_ext.models import get_preset
+from megatron_ext.training.config import RunConfig
+from megatron_ext.training.engine import build_optimizer, deepspeed_config
+from megatron_ext.training.metrics import MetricsWriter, read_metrics
+from megatron_ext.training.pipeline import layer_param_counts, partition_report
+from megatron_ext.training.schedule import learning_rate
+
+
+def test_partition_by_parameters_counts_embedding_and_head():
+    model = get_preset("tiny")
+    model.num_layers = 6
+    counts = layer_param_counts(model, 1)
+    assert counts[0] == counts[-1] > counts[1]  # tied logits count the embedding again
+    report = partition_report(model, 2, 1, "parameters")
+    assert report.parts[0] == 0 and report.parts[-1] == len(counts)
+    assert abs(report.params[0] - report.params[1]) <= max(counts)
+    by_type = partition_report(model, 2, 1, "type")
+    assert by_type.names[by_type.parts[1] - 1] == "block3"  # 3 blocks per stage
+    assert "stage 1: layers" in by_type.format()
+    half = layer_param_counts(model, 2)
+    assert half[1] < counts[1]  # TP-split weights divided
+
+
+def test_optimizer_has_no_weight_decay_on_biases_and_norms():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    cfg = RunConfig()
+    opt = build_optimizer(model, cfg)
+    assert type(opt) is torch.optim.AdamW
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == cfg.optim.weight_decay and len(decay["params"]) == 1
+    assert no_decay["weight_decay"] == 0.0 and len(no_decay["params"]) == 3
+
+
+def test_deepspeed_config_is_zero1_with_clipping():
+    cfg = from_dict(
+        RunConfig,
+        {
+            "train": {"global_batch_size": 16, "micro_batch_size": 2, "precision": "bf16"},
+            "optim": {"clip_grad": 0.5},
+        },
+    )
+    ds = deepspeed_config(cfg, dp_size=2)
+    assert ds["zero_optimization"] == {"stage": 1}
+    assert ds["gradient_accumulation_steps"] == 4 and ds["gradient_clipping"] == 0.5
+    assert ds["bf16"] == {"enabled": True} and "optimizer" not in ds
+
+
+def test_bloom_schedule_cosine_to_min():
+    cfg = from_dict(RunConfig, {"optim": {"lr": 6e-5, "min_lr": 6e-6, "warmup_iters": 10}})
+    assert learning_rate(0, cfg.optim, 100) == pytest.approx(6e-6)
+    assert learning_rate(9, cfg.optim, 100) == pytest.approx(6e-5)
+    assert learning_rate(100, cfg.optim, 100) == pytest.approx(6e-6)
+
+
+def test_metrics_resume_truncates_later_rows(tmp_path):
+    w = MetricsWriter(str(tmp_path), True, False)
+    for step in range(1, 6):
+        w.write({"step": step, "loss": 1.0 / step})
+    MetricsWriter(str(tmp_path), True, False, resume_step=3)
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3]
