@@ -52,3 +52,24 @@ def bpe_tokenizer_dir(tmp_path_factory, fi_sample_path):
 def unigram_tokenizer_dir(tmp_path_factory, fi_sample_path):
     """SentencePiece unigram (vocab 2000; <unk>=0 <s>=1 </s>=2 <pad>=3) trained on the sample."""
     return _trained_tokenizer(tmp_path_factory, fi_sample_path, "unigram")
+
+
+@pytest.fixture(scope="session")
+def fi_dataset(tmp_path_factory, fi_sample_path):
+    """Training data for the training and Slurm tiers. Prefix of the bundled sample tokenized with a 1000-token BPE (201 docs, ~177k tokens)."""
+    from megatron_ext.data.preprocess import PreprocessConfig, preprocess
+    from megatron_ext.data.tokenizer_training import train_tokenizer
+
+    root = tmp_path_factory.mktemp("fi_dataset")
+    tok = train_tokenizer([fi_sample_path], 1000, root / "tokenizer", "bpe", show_progress=False)
+    prefix = root / "fi"
+    preprocess(
+        PreprocessConfig(
+            inputs=[str(fi_sample_path)],
+            output_prefix=str(prefix),
+            tokenizer=str(tok),
+            append_eod=True,
+            progress=False,
+        )
+    )
+    return str(prefix)
