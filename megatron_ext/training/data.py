@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 from megatron_ext.data.blend import build_datasets
 from megatron_ext.data.sampler import build_dataloader
+from megatron_ext.errors import UserError
 from megatron_ext.training.config import RunConfig
 
 
@@ -46,8 +47,12 @@ def micro_batches(
     dp_rank: int,
     dp_size: int,
     num_workers: int = 0,
+    vocab_size: int | None = None,
 ) -> Iterator[tuple]:
-    """(tokens [b, s], labels [b, s]) int64 micro-batches of this DP rank, from consumed_samples."""
+    """(tokens [b, s], labels [b, s]) int64 micro-batches of this DP rank, from consumed_samples.
+
+    With `vocab_size`, a token id outside the model's vocabulary is a UserError naming the
+    dataset (a tokenizer/model mismatch), not an index error deep in the embedding."""
     loader = build_dataloader(
         dataset,
         consumed_samples=consumed_samples,
@@ -57,4 +62,10 @@ def micro_batches(
         num_workers=num_workers,
     )
     for batch in loader:
+        if vocab_size is not None and int(batch["labels"].max()) >= vocab_size:
+            raise UserError(
+                f"{getattr(dataset, 'prefix', 'dataset')}: token id {int(batch['labels'].max())} "
+                f"is outside the model's vocabulary of {vocab_size}; set model.vocab_size to the "
+                "tokenizer's size or re-tokenize"
+            )
         yield batch["tokens"], batch["labels"]

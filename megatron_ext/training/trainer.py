@@ -139,6 +139,7 @@ def train(cfg: RunConfig) -> dict:
         c.dp_rank,
         c.dp_size,
         cfg.data.num_workers,
+        vocab_size=model_config.vocab_size,
     )
     stop = StopConditions(cfg.train.exit_duration_in_mins, cfg.train.kill_switch_file)
     stop.install()

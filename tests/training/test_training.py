@@ -132,3 +132,27 @@ def test_bad_layout_is_a_user_error(tmp_path):
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env())
     assert proc.returncode == 2 and "not divisible" in proc.stderr
+
+
+def test_token_ids_beyond_the_model_vocabulary_are_a_clear_error(
+    tmp_path, fi_sample_path, bpe_tokenizer_dir
+):
+    from megatron_ext.data.preprocess import PreprocessConfig, preprocess
+
+    prefix = tmp_path / "wide"  # a 2000-token tokenizer against the tiny preset's 1000
+    preprocess(
+        PreprocessConfig(
+            inputs=[str(fi_sample_path)],
+            output_prefix=str(prefix),
+            tokenizer=str(bpe_tokenizer_dir),
+            append_eod=True,
+            progress=False,
+        )
+    )
+    proc = run_train("bloom", str(prefix), tmp_path / "run", "train.iterations=2", check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert (
+        f"{prefix}: token id" in proc.stderr
+        and "outside the model's vocabulary of 1000" in proc.stderr
+    )
+    assert "Traceback" not in proc.stderr
