@@ -22,8 +22,14 @@ log = get_logger(__name__)
 
 
 def export_dist_env() -> None:
-    """Set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT from whatever launched us."""
-    os.environ.update(dist_env().torch_env())
+    """Set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT from whatever launched us.
+
+    A single process with no MASTER_PORT takes a free port rather than the default 29500, so
+    several one-process runs on a machine (tests, notebooks) do not collide."""
+    env = dist_env().torch_env()
+    if env.get("WORLD_SIZE") == "1" and "MASTER_PORT" not in os.environ:
+        env["MASTER_PORT"] = str(free_port())
+    os.environ.update(env)
 
 
 def free_port() -> int:
