@@ -19,8 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from megatron_ext.config import read_yaml
 from megatron_ext.errors import UserError
 
 BUNDLED_DIR = Path(__file__).resolve().parents[2] / "slurm" / "profiles"
@@ -114,13 +113,7 @@ def find_profile(name_or_path: str) -> Path:
 def load_profile(name_or_path: str) -> ClusterProfile:
     """Read and check a profile; errors name the file and the key to fix."""
     path = find_profile(name_or_path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path}: not valid YAML ({exc}); fix the file") from exc
-    if not isinstance(raw, dict):
-        raise UserError(f"{path}: a profile is a YAML mapping of keys to values")
-    return profile_from_dict(raw, str(path), default_name=path.stem)
+    return profile_from_dict(read_yaml(path), str(path), default_name=path.stem)
 
 
 def _settings(raw: Any, where: str) -> tuple[Setting, ...]:
