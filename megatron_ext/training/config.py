@@ -7,6 +7,7 @@
     optim:      AdamW, clipping, LR warmup + decay
     checkpoint: dir, interval, keep, load, reset_progress
     logging:    interval, eval, TensorBoard
+    eval:       tasks run in the background on every K-th checkpoint (rank 0)
 
 The resolved config is saved with every checkpoint (`config.yaml`).
 """
@@ -14,6 +15,7 @@ The resolved config is saved with every checkpoint (`config.yaml`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from megatron_ext.errors import UserError
@@ -93,6 +95,34 @@ class LoggingConfig:
 
 
 @dataclass
+class EvalConfig:
+    """In-loop task evaluation: after every `every_checkpoints`-th checkpoint it saves, rank 0
+    starts `megatron-ext eval` on that checkpoint's tag dir as a background process (training
+    does not wait; one at a time, a checkpoint that comes while one runs is skipped). Results:
+    ROOT/eval/iter_XXXXXXX.json (lm-eval's JSON), its output in ROOT/eval/iter_XXXXXXX.log, and
+    one row per finished eval in ROOT/eval/summary.jsonl. At the end of training rank 0 waits up
+    to `wait_at_end_s` for a running eval, then stops it.
+
+    tasks:             comma-separated task names (bundled, BIG-bench under task_dir, lm-eval's)
+    every_checkpoints: K; 0 turns in-loop evaluation off
+    tokenizer:         the tokenizer dir the run was trained with (needed for the conversion)
+    limit:             at most N examples per task (<1: a fraction); None: all
+    task_dir:          a directory of BIG-bench task.json files (FIN-bench layout)
+    num_fewshot, batch_size, device: passed to `megatron-ext eval` (device None: its default)
+    """
+
+    tasks: str = ""
+    every_checkpoints: int = 0
+    tokenizer: str | None = None
+    limit: float | None = None
+    task_dir: str | None = None
+    num_fewshot: int | None = None
+    batch_size: int = 8
+    device: Literal["cpu", "cuda"] | None = None
+    wait_at_end_s: float = 600.0
+
+
+@dataclass
 class RunConfig:
     model: dict[str, Any] = field(default_factory=lambda: {"preset": "tiny"})
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -101,6 +131,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def data_parallel_size(self, world_size: int) -> int:
         mp = self.parallel.tp * self.parallel.pp
@@ -132,3 +163,13 @@ class RunConfig:
             raise UserError("train.iterations must be >= 0 and train.micro_batch_size >= 1")
         if self.checkpoint.interval < 1:
             raise UserError("checkpoint.interval must be at least 1")
+        ev = self.eval
+        if ev.every_checkpoints < 0:
+            raise UserError("eval.every_checkpoints must be >= 0 (0: no in-loop evaluation)")
+        if ev.every_checkpoints and not (ev.tasks.strip() and ev.tokenizer):
+            raise UserError(
+                "eval.every_checkpoints is set: give eval.tasks (comma-separated task names) "
+                "and eval.tokenizer (the tokenizer dir the run was trained with)"
+            )
+        if ev.every_checkpoints and not Path(ev.tokenizer).is_dir():
+            raise UserError(f"eval.tokenizer={ev.tokenizer}: not a directory")

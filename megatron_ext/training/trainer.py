@@ -22,6 +22,7 @@ from megatron_ext.training import checkpointing, universal
 from megatron_ext.training.config import RunConfig
 from megatron_ext.training.data import build_run_datasets, micro_batches
 from megatron_ext.training.engine import Engine, build_engine
+from megatron_ext.training.in_loop_eval import InLoopEval
 from megatron_ext.training.metrics import (
     MetricsWriter,
     flops_per_token,
@@ -217,6 +218,9 @@ def train(cfg: RunConfig) -> dict:
     )
     result = {"iteration": state.iteration, "stopped": None, "loss": None}
     last_saved = state.iteration
+    # the other ranks wait for rank 0's end-of-run eval wait in shutdown()'s barrier
+    wait_cap = 0.8 * cfg.train.collective_timeout_s
+    task_eval = InLoopEval(cfg.eval, cfg.checkpoint.dir, c.rank == 0, max_wait_s=wait_cap)
     try:
         while state.iteration < cfg.train.iterations:
             step = state.iteration + 1
@@ -277,6 +281,7 @@ def train(cfg: RunConfig) -> dict:
                     cfg.checkpoint.keep,
                 )
                 last_saved = step
+                task_eval.after_save(step)
         if state.iteration != last_saved:
             checkpointing.save(
                 engine,
@@ -286,6 +291,8 @@ def train(cfg: RunConfig) -> dict:
                 cfg,
                 cfg.checkpoint.keep,
             )
+            task_eval.after_save(state.iteration)
+        task_eval.finish()
         if result["stopped"]:
             log.info(
                 "stopping at step %d: %s (checkpoint saved)", state.iteration, result["stopped"]
