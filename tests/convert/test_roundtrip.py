@@ -95,3 +95,26 @@ def test_trainer_layout_and_cli_round_trip(case, tmp_path):
     reloaded = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(case["ids"]).logits, case["logits"], atol=1e-4, rtol=0)
+
+
+def test_cli_from_hf_and_reshard_at_tp2_pp2(case, tmp_path):
+    """from-hf straight to (2, 2), then reshard (2, 2) -> (1, 1) -> (2, 2): every export equals
+    the source model bit for bit (TP split and merge and the stage cut in one checkpoint)."""
+    source = read_all(case["hf_dir"])
+    a, b, c = tmp_path / "a_22", tmp_path / "b_11", tmp_path / "c_22"
+    hops = [
+        (["from-hf", "--hf-dir", str(case["hf_dir"])], a, 2, 2),
+        (["reshard", "--checkpoint", str(a)], b, 1, 1),
+        (["reshard", "--checkpoint", str(b)], c, 2, 2),
+    ]
+    for argv, root, tp, pp in hops:
+        assert (
+            cli_main(["convert", *argv, "--output", str(root), "--tp", str(tp), "--pp", str(pp)])
+            == 0
+        )
+        tag = layout.resolve_tag_dir(root)
+        assert layout.layer_file(tag, 0, tp - 1).is_file()
+        assert not layout.layer_file(tag, 0, tp).exists()
+        out = tmp_path / f"hf_{root.name}"
+        assert cli_main(["convert", "to-hf", "--checkpoint", str(root), "--output", str(out)]) == 0
+        assert_identical(read_all(out), source)

@@ -5,7 +5,8 @@
   transformers' logits equal our model's (< 1e-4), and transformers' loss equals the loss the
   DeepSpeed engine computes on the same samples at the checkpoint's own layout
   (`megatron-ext evaluate`), which shares no conversion code with the export.
-- from-hf at tp=2 (BLOOM) and pp=2 (Llama) -> `train --reset-progress`: the step-1 loss equals
+- from-hf at tp=2 (BLOOM), pp=2 (Llama) and (2, 2) (BLOOM, tied embedding on both end stages)
+  -> `train --reset-progress`: the step-1 loss equals
   transformers' loss on that step's global batch.
 - reshard (2, 1) -> (1, 2): the same next-step loss as the original under --reset-progress, and
   the same HF export bit for bit; with --with-optimizer, resuming at the new layout continues
@@ -145,7 +146,9 @@ def test_to_hf_of_trainer_checkpoint(trained, fi_dataset, family, tp, pp, tmp_pa
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize(("family", "tp", "pp"), [("bloom", 2, 1), ("llama", 1, 2)])
+@pytest.mark.parametrize(
+    ("family", "tp", "pp"), [("bloom", 2, 1), ("llama", 1, 2), ("bloom", 2, 2)]
+)
 def test_from_hf_loads_in_the_trainer_with_the_hf_loss(fi_dataset, family, tp, pp, tmp_path):
     config = get_preset({"bloom": "tiny", "llama": "tiny-llama"}[family]).replace(seq_length=64)
     model = hf_model(config, seed=7)
