@@ -143,6 +143,8 @@ class RunConfig:
         return world_size // mp
 
     def grad_accumulation_steps(self, dp_size: int) -> int:
+        """Micro-batches per step at the full global batch (ramp-up, if any, checked too)."""
+        check_rampup(self.train, dp_size)
         per_step = self.train.micro_batch_size * dp_size
         if self.train.global_batch_size % per_step:
             raise UserError(
@@ -173,3 +175,27 @@ class RunConfig:
             )
         if ev.every_checkpoints and not Path(ev.tokenizer).is_dir():
             raise UserError(f"eval.tokenizer={ev.tokenizer}: not a directory")
+
+
+def check_rampup(train: TrainConfig, dp_size: int) -> None:
+    """Refuse a ramp-up whose batch sizes are not whole micro-batches on every DP rank."""
+    ramp = train.rampup_batch_size
+    if not ramp:
+        return
+    if len(ramp) != 3 or min(ramp) < 1:
+        raise UserError(
+            f"train.rampup_batch_size={ramp}: give [start, increment, samples], all >= 1"
+        )
+    start, increment, _ = ramp
+    gbs = train.global_batch_size
+    if start > gbs or (gbs - start) % increment:
+        raise UserError(
+            f"train.rampup_batch_size={ramp}: start must be <= global_batch_size {gbs} and "
+            f"global_batch_size - start a multiple of increment"
+        )
+    unit = train.micro_batch_size * dp_size
+    if start % unit or increment % unit:
+        raise UserError(
+            f"train.rampup_batch_size={ramp}: start and increment must be multiples of "
+            f"micro_batch_size x dp = {train.micro_batch_size} x {dp_size} = {unit}"
+        )

@@ -23,14 +23,15 @@ def learning_rate(step: int, optim: OptimConfig, total_iters: int) -> float:
     return optim.min_lr + coeff * (optim.lr - optim.min_lr)
 
 
-def global_batch_size(consumed_samples: int, train: TrainConfig, dp_size: int) -> int:
-    """Megatron's ramp-up: start, +increment every `samples / steps` consumed samples."""
+def global_batch_size(consumed_samples: int, train: TrainConfig) -> int:
+    """The global batch of the step after `consumed_samples`: Megatron's ramp-up grows it from
+    start by increment every samples / ((global - start) / increment) consumed samples."""
     if not train.rampup_batch_size:
         return train.global_batch_size
     start, increment, ramp_samples = train.rampup_batch_size
-    steps = max(1, (train.global_batch_size - start) // increment)
-    per_increment = ramp_samples / steps
-    size = start + increment * int(consumed_samples // per_increment)
-    size = min(train.global_batch_size, size)
-    unit = train.micro_batch_size * dp_size
-    return max(unit, size // unit * unit)
+    increments = (train.global_batch_size - start) // increment
+    if increments == 0:
+        return train.global_batch_size
+    per_increment = ramp_samples / increments
+    size = start + increment * int(consumed_samples / per_increment)
+    return min(train.global_batch_size, size)

@@ -31,6 +31,7 @@ from megatron_ext.training.metrics import (
     start_rss_tracking,
 )
 from megatron_ext.training.pipeline import HangInjector
+from megatron_ext.training.schedule import global_batch_size
 from megatron_ext.training.stopping import StopConditions
 
 log = get_logger(__name__)
@@ -114,11 +115,14 @@ def _run_step(engine: Engine, batches, stop: StopConditions, step: int) -> tuple
         raise _named(engine, step, phase, exc) from exc
 
 
-def evaluate_loss(engine: Engine, dataset, num_batches: int, micro_batch_size: int) -> float:
-    """Mean loss over `num_batches` global batches of `dataset` from its start."""
+def evaluate_loss(
+    engine: Engine, dataset, num_batches: int, micro_batch_size: int, gas: int | None = None
+) -> float:
+    """Mean loss over `num_batches` global batches of `dataset` from its start (`gas`
+    micro-batches per rank each; default: the engine's current number)."""
     c = engine.ctx
     batches = micro_batches(dataset, 0, micro_batch_size, c.dp_rank, c.dp_size)
-    gas = engine.ds.gradient_accumulation_steps()
+    gas = gas or engine.ds.gradient_accumulation_steps()
     losses = [
         float(engine.ds.eval_batch(batches, num_micro_batches=gas)) for _ in range(num_batches)
     ]
@@ -209,8 +213,7 @@ def train(cfg: RunConfig) -> dict:
     stop = StopConditions(cfg.train.exit_duration_in_mins, cfg.train.kill_switch_file)
     stop.install()
     num_params = count_parameters(model_config)["num_parameters"]
-    tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_length
-    flops_step = flops_per_token(model_config, cfg.data.seq_length, num_params) * tokens_per_step
+    flops_token = flops_per_token(model_config, cfg.data.seq_length, num_params)
     inject = set(cfg.train.inject_nonfinite_steps or [])
     hang_step = cfg.train.inject_hang_step
     hang = (
@@ -227,6 +230,10 @@ def train(cfg: RunConfig) -> dict:
             engine.loss_fn.poison = step in inject
             if hang is not None:
                 hang.armed = step == hang_step
+            gbs = global_batch_size(state.consumed_samples, cfg.train)  # ramp-up, if any
+            if gbs != engine.ds.train_batch_size():
+                engine.ds.set_train_batch_size(gbs)  # more or fewer micro-batches per step
+            tokens_per_step = gbs * cfg.data.seq_length
             lr = engine.lr()  # the scheduler moves on inside train_batch
             start = time.perf_counter()
             reason, loss = _run_step(engine, batches, stop, step)
@@ -235,10 +242,10 @@ def train(cfg: RunConfig) -> dict:
                 break
             elapsed = time.perf_counter() - start
             state.iteration = step
-            state.consumed_samples += cfg.train.global_batch_size
+            state.consumed_samples += gbs
             finite = math.isfinite(loss)
             state.nonfinite_in_a_row = 0 if finite else state.nonfinite_in_a_row + 1
-            tflops = flops_step / elapsed / c.world_size / 1e12
+            tflops = flops_token * tokens_per_step / elapsed / c.world_size / 1e12
             row = {
                 "step": step,
                 "loss": loss if finite else None,
@@ -253,6 +260,7 @@ def train(cfg: RunConfig) -> dict:
                 "peak_rss_mb": peak_rss_mb(),
                 "baseline_rss_mb": baseline_rss_mb,
                 "consumed_samples": state.consumed_samples,
+                "global_batch_size": gbs,
             }
             if not finite:
                 log.warning("step %d: non-finite loss, optimizer step skipped", step)
@@ -263,8 +271,9 @@ def train(cfg: RunConfig) -> dict:
                     )
             ev = cfg.logging.eval_interval
             if ev and valid_ds is not None and step % ev == 0:
+                full = cfg.grad_accumulation_steps(c.dp_size)  # full-size batches, ramp-up or not
                 row["val_loss"] = evaluate_loss(
-                    engine, valid_ds, cfg.logging.eval_iters, cfg.train.micro_batch_size
+                    engine, valid_ds, cfg.logging.eval_iters, cfg.train.micro_batch_size, full
                 )
                 row["val_ppl"] = math.exp(min(row["val_loss"], 50.0))
             if step % cfg.logging.interval == 0 or not finite:
