@@ -1,4 +1,4 @@
-"""Fault tolerance: SIGKILL + restart is bit-exact, signals and kill switch save and exit 0,
+"""Fault tolerance: SIGKILL + restart is bit-exact, signals, exit duration and kill switch save and exit 0,
 non-finite losses are skipped (K in a row abort), broken checkpoints are never loaded."""
 
 from __future__ import annotations
@@ -106,6 +106,18 @@ def test_kill_switch_file_saves_and_exits_zero(fi_dataset, tmp_path):
     assert "kill-switch file" in err
     last = metrics(ckpt)[-1]["step"]
     assert (ckpt / "latest").read_text().strip() == f"iter_{last:07d}"
+
+
+def test_exit_duration_saves_and_exits_zero_on_all_ranks(fi_dataset, tmp_path):
+    """--exit-duration-in-mins through our launcher at tp=2: both ranks agree on the stop."""
+    ckpt = tmp_path / "dur"
+    args = ["parallel.tp=2", "train.iterations=100000", "checkpoint.interval=100000"]
+    proc = run_train("bloom", fi_dataset, ckpt, *args, "--exit-duration-in-mins", "0.1", nproc=2)
+    assert "exit duration of 0.1 min reached" in proc.stderr, proc.stderr[-3000:]
+    last = metrics(ckpt)[-1]["step"]
+    assert 1 <= last < 100000
+    assert (ckpt / "latest").read_text().strip() == f"iter_{last:07d}"
+    assert (ckpt / f"iter_{last:07d}" / "config.yaml").is_file()
 
 
 def test_nonfinite_loss_is_skipped_then_aborts(fi_dataset, tmp_path):
