@@ -1,5 +1,6 @@
-"""Fault tolerance: SIGKILL + restart is bit-exact, signals, exit duration and kill switch save and exit 0,
-non-finite losses are skipped (K in a row abort), broken checkpoints are never loaded."""
+"""Fault tolerance: SIGKILL + restart is bit-exact, signals, exit duration and kill switch save
+and exit 0, non-finite losses are skipped (K in a row abort), broken checkpoints are never
+loaded."""
 
 from __future__ import annotations
 
