@@ -53,7 +53,13 @@ def _stop_reason(stop: StopConditions) -> str | None:
     reason = stop.local_reason()
     flag = torch.tensor([0 if reason is None else 1], dtype=torch.int64)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return (reason or "another rank asked to stop") if flag.item() else None
+    if not flag.item():
+        return None
+    # once, at the stop: every rank learns why (the first rank that had a reason says)
+    reasons: list = [None] * dist.get_world_size()
+    dist.all_gather_object(reasons, reason)
+    rank, first = next((r, why) for r, why in enumerate(reasons) if why is not None)
+    return first if rank == dist.get_rank() else f"{first} (on rank {rank})"
 
 
 class CollectiveError(RuntimeError):

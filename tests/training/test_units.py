@@ -66,3 +66,28 @@ def test_metrics_resume_truncates_later_rows(tmp_path):
         w.write({"step": step, "loss": 1.0 / step})
     MetricsWriter(str(tmp_path), True, False, resume_step=3)
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3]
+
+
+def _stop_reasons(rank, world_size):
+    """Only the last rank has a reason (here: it got SIGUSR1); every rank stops and says why."""
+    import signal
+
+    from megatron_ext.training.stopping import StopConditions
+    from megatron_ext.training.trainer import _stop_reason
+
+    stop = StopConditions()
+    first = _stop_reason(stop)  # nobody has a reason yet
+    if rank == world_size - 1:
+        stop.signal_received = signal.SIGUSR1
+    return first, _stop_reason(stop)
+
+
+@pytest.mark.distributed
+def test_every_rank_stops_with_the_reason_of_the_rank_that_had_one():
+    from tests.distributed_utils import run_distributed_test
+
+    results = run_distributed_test(_stop_reasons, 3)
+    assert [first for first, _ in results] == [None, None, None]
+    assert [then for _, then in results] == [
+        "signal SIGUSR1 (on rank 2)", "signal SIGUSR1 (on rank 2)", "signal SIGUSR1",
+    ]  # fmt: skip
