@@ -1,4 +1,4 @@
-"""Unit tests of the training pieces that need no processes."""
+"""Unit tests of the training pieces, without a model run (the stop agreement uses 3 gloo ranks)."""
 
 from __future__ import annotations
 
