@@ -11,11 +11,21 @@ import signal
 import time
 
 
+def process_start_monotonic() -> float:
+    """This process's start on the time.monotonic() clock: --exit-duration-in-mins counts
+    the time spent building the engine and loading (or converting) a checkpoint too, which
+    on a 176B run is minutes of the Slurm allocation."""
+    import psutil
+
+    age = max(0.0, time.time() - psutil.Process().create_time())
+    return time.monotonic() - age
+
+
 class StopConditions:
     def __init__(
         self, exit_duration_mins: float | None = None, kill_switch_file: str | None = None
     ):
-        self.start = time.monotonic()
+        self.start = process_start_monotonic()  # the budget includes start-up, as in Megatron
         self.exit_duration_s = None if exit_duration_mins is None else exit_duration_mins * 60.0
         self.kill_switch_file = kill_switch_file
         self.signal_received: int | None = None

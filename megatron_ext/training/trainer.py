@@ -297,7 +297,8 @@ def train(cfg: RunConfig) -> dict:
                 )
                 last_saved = step
                 task_eval.after_save(step)
-        if state.iteration != last_saved:
+        final_save = state.iteration != last_saved
+        if final_save:
             checkpointing.save(
                 engine,
                 cfg.checkpoint.dir,
@@ -309,9 +310,13 @@ def train(cfg: RunConfig) -> dict:
             task_eval.after_save(state.iteration)
         task_eval.finish()
         if result["stopped"]:
-            log.info(
-                "stopping at step %d: %s (checkpoint saved)", state.iteration, result["stopped"]
-            )
+            if final_save:
+                saved = "checkpoint saved"
+            elif state.iteration:
+                saved = f"{checkpointing.tag_of(state.iteration)} is already the newest checkpoint"
+            else:
+                saved = "no step was run, nothing to save"
+            log.info("stopping at step %d: %s (%s)", state.iteration, result["stopped"], saved)
     finally:
         stop.uninstall()
         metrics.close()

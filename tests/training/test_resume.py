@@ -113,12 +113,17 @@ def test_exit_duration_saves_and_exits_zero_on_all_ranks(fi_dataset, tmp_path):
     """--exit-duration-in-mins through our launcher at tp=2: both ranks agree on the stop."""
     ckpt = tmp_path / "dur"
     args = ["parallel.tp=2", "train.iterations=100000", "checkpoint.interval=100000"]
-    proc = run_train("bloom", fi_dataset, ckpt, *args, "--exit-duration-in-mins", "0.1", nproc=2)
-    assert "exit duration of 0.1 min reached" in proc.stderr, proc.stderr[-3000:]
+    proc = run_train("bloom", fi_dataset, ckpt, *args, "--exit-duration-in-mins", "0.4", nproc=2)
+    assert "exit duration of 0.4 min reached" in proc.stderr, proc.stderr[-3000:]
     last = metrics(ckpt)[-1]["step"]
     assert 1 <= last < 100000
     assert (ckpt / "latest").read_text().strip() == f"iter_{last:07d}"
     assert (ckpt / f"iter_{last:07d}" / "config.yaml").is_file()
+    # the budget counts from process start: 0.6 s is gone before the first step
+    early = tmp_path / "early"
+    proc = run_train("bloom", fi_dataset, early, *args[1:], "--exit-duration-in-mins", "0.01")
+    assert "stopping at step 0: exit duration of 0.01 min reached (no step was run" in proc.stderr
+    assert not (early / "latest").exists()
 
 
 def test_nonfinite_loss_is_skipped_then_aborts(fi_dataset, tmp_path):

@@ -91,3 +91,17 @@ def test_every_rank_stops_with_the_reason_of_the_rank_that_had_one():
     assert [then for _, then in results] == [
         "signal SIGUSR1 (on rank 2)", "signal SIGUSR1 (on rank 2)", "signal SIGUSR1",
     ]  # fmt: skip
+
+
+def test_exit_duration_counts_from_process_start():
+    """The budget covers start-up (engine build, checkpoint load), not only the loop."""
+    import time
+
+    import psutil
+
+    from megatron_ext.training.stopping import StopConditions
+
+    age = time.time() - psutil.Process().create_time()  # this pytest process: seconds old
+    assert age > 2
+    assert StopConditions(exit_duration_mins=(age - 1) / 60).local_reason().startswith("exit")
+    assert StopConditions(exit_duration_mins=(age + 60) / 60).local_reason() is None
