@@ -57,6 +57,10 @@ class TrainConfig:
     inject_nonfinite_steps: list[int] | None = None  # fault injection (tests): NaN loss at steps
     inject_hang_step: int | None = None  # fault injection (tests): a rank stuck in this step...
     inject_hang_rank: int = 0  # ...this rank sleeps forever in its first forward of the step
+    # fault injection (tests): a run that starts before this step stops training there and
+    # waits (all ranks polling the stop check) until a stop condition fires: lets a test
+    # have Slurm's own time-limit signal interrupt a run however fast the machine is
+    inject_hold_step: int | None = None
 
 
 @dataclass

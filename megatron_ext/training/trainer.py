@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,14 +106,48 @@ def _named(engine: Engine, step: int, phase: str, exc: Exception) -> CollectiveE
     )
 
 
-def _run_step(engine: Engine, batches, stop: StopConditions, step: int) -> tuple[str | None, float]:
+_COLLECTIVE_FAILURE_MARKS = (
+    "gloo",
+    "nccl",
+    "rccl",
+    "timed out",
+    "connection closed",
+    "reset by peer",
+)
+
+
+@contextmanager
+def _collectives_named(engine: Engine, step: int, phase: str):
+    """Re-raise a distributed failure inside the block (a peer died or hangs) as CollectiveError
+    naming this rank's stage and `phase`; any other error passes unchanged."""
+    try:
+        yield
+    except RuntimeError as exc:
+        text = str(exc).lower()
+        failed = isinstance(exc, dist.DistError) or any(
+            m in text for m in _COLLECTIVE_FAILURE_MARKS
+        )
+        if isinstance(exc, CollectiveError) or not failed:
+            raise
+        raise _named(engine, step, phase, exc) from exc
+
+
+def _run_step(
+    engine: Engine, batches, stop: StopConditions, step: int, hold: bool = False
+) -> tuple[str | None, float]:
     """(stop reason, None) or (None, loss of one optimizer step over the global batch).
+    `hold` (fault injection): check the stop conditions every 0.2 s until one fires.
 
     A hung or broken collective (a rank died) raises CollectiveError naming this rank's stage
     and the collective."""
     phase = "the stop-check all-reduce (all ranks agree whether to stop)"
     try:
+        if hold:
+            log.warning("fault injection: holding before step %d until a stop condition", step)
         reason = _stop_reason(stop)
+        while hold and reason is None:
+            time.sleep(0.2)
+            reason = _stop_reason(stop)
         if reason is not None:
             return reason, float("nan")
         phase = "train_batch"
@@ -193,6 +228,19 @@ def _client_state(state: TrainState, engine: Engine, cfg: RunConfig) -> dict:
     }
 
 
+def _save(engine: Engine, cfg: RunConfig, state: TrainState) -> None:
+    tag = checkpointing.tag_of(state.iteration)
+    with _collectives_named(engine, state.iteration, f"the checkpoint save of {tag}"):
+        checkpointing.save(
+            engine,
+            cfg.checkpoint.dir,
+            state.iteration,
+            _client_state(state, engine, cfg),
+            cfg,
+            cfg.checkpoint.keep,
+        )
+
+
 def train(cfg: RunConfig) -> dict:
     """Run (or resume) training; returns {"iteration", "stopped", "loss"}. Collective."""
     model_config = resolve_model_config(cfg.model)
@@ -225,6 +273,8 @@ def train(cfg: RunConfig) -> dict:
     hang = (
         HangInjector(engine.module) if hang_step and c.rank == cfg.train.inject_hang_rank else None
     )
+    hold_step = cfg.train.inject_hold_step
+    hold_step = hold_step if hold_step is not None and state.iteration < hold_step else None
     result = {"iteration": state.iteration, "stopped": None, "loss": None}
     last_saved = state.iteration
     # the other ranks wait for rank 0's end-of-run eval wait in shutdown()'s barrier
@@ -242,7 +292,8 @@ def train(cfg: RunConfig) -> dict:
             tokens_per_step = gbs * cfg.data.seq_length
             lr = engine.lr()  # the scheduler moves on inside train_batch
             start = time.perf_counter()
-            reason, loss = _run_step(engine, batches, stop, step)
+            hold = hold_step is not None and step == hold_step + 1
+            reason, loss = _run_step(engine, batches, stop, step, hold)
             if reason is not None:
                 result["stopped"] = reason
                 break
@@ -278,35 +329,22 @@ def train(cfg: RunConfig) -> dict:
             ev = cfg.logging.eval_interval
             if ev and valid_ds is not None and step % ev == 0:
                 full = cfg.grad_accumulation_steps(c.dp_size)  # full-size batches, ramp-up or not
-                row["val_loss"] = evaluate_loss(
-                    engine, valid_ds, cfg.logging.eval_iters, cfg.train.micro_batch_size, full
-                )
+                with _collectives_named(engine, step, "validation (eval_batch)"):
+                    row["val_loss"] = evaluate_loss(
+                        engine, valid_ds, cfg.logging.eval_iters, cfg.train.micro_batch_size, full
+                    )
                 row["val_ppl"] = math.exp(min(row["val_loss"], 50.0))
             if step % cfg.logging.interval == 0 or not finite:
                 metrics.write(row)
             result["loss"] = row["loss"]
             # no checkpoint inside a non-finite streak: the last good one stays the newest
             if step % cfg.checkpoint.interval == 0 and finite:
-                checkpointing.save(
-                    engine,
-                    cfg.checkpoint.dir,
-                    step,
-                    _client_state(state, engine, cfg),
-                    cfg,
-                    cfg.checkpoint.keep,
-                )
+                _save(engine, cfg, state)
                 last_saved = step
                 task_eval.after_save(step)
         final_save = state.iteration != last_saved
         if final_save:
-            checkpointing.save(
-                engine,
-                cfg.checkpoint.dir,
-                state.iteration,
-                _client_state(state, engine, cfg),
-                cfg,
-                cfg.checkpoint.keep,
-            )
+            _save(engine, cfg, state)
             task_eval.after_save(state.iteration)
         task_eval.finish()
         if result["stopped"]:

@@ -1,13 +1,16 @@
 """The real `megatron-ext train` under rendered `local` jobs that are interrupted and resumed:
-requeue after the time-limit signal, a chain of dependent jobs, and scancel. Each interrupted run
-must end with the same per-step losses as one uninterrupted local run of the same config.
+requeue after Slurm's own time-limit signal, requeue after the same signal sent by hand, a chain
+of dependent jobs, and scancel. Each interrupted run must end with the same per-step losses as one
+uninterrupted local run of the same config.
 
-The time-limit signal is sent by the test (`scancel --signal=USR1 JOB`, which reaches every task
-of the job's steps and not the batch shell, like `#SBATCH --signal=USR1@margin`) once the trainer
-has logged a few steps. Slurm's own warning signal needs a one-minute limit and comes anywhere in
-the first ~30 s (slurmctld checks limits every 30 s and sends it up to that much early), so the
-trainer would have to run for half a minute before being interrupted, and the reference as long
-again; the signal's delivery by slurmctld itself is covered by test_jobs.py with the stand-in.
+Slurm's warning signal (`--time=1` minute, `--signal=USR1@30`) comes 21-27 s after the job starts
+on this cluster (slurmctld checks limits every 30 s), long after the tiny model would have
+finished; in that test the first job trains HOLD steps and then waits at the step boundary
+(`train.inject_hold_step`, a fault-injection knob: only a run that starts before HOLD waits) until
+the signal makes it save and exit. The other tests send the signal themselves
+(`scancel --signal=USR1 JOB`, which reaches every task of the job's steps and not the batch shell,
+as `#SBATCH --signal=USR1@margin` does) once the trainer has logged a few steps, so they take
+seconds of Slurm time instead of a minute.
 """
 
 from __future__ import annotations
@@ -105,6 +108,30 @@ def test_signal_saves_requeues_and_matches_uninterrupted(tmp_path, jobs, fi_data
     assert f"stopping at step {first['iteration']}: signal SIGUSR1" in text
     assert "requeueing job" in text
     assert _saved_iteration(ckpt) == ITERS
+    _assert_same_losses(ckpt, reference)
+
+
+HOLD = 8
+
+
+@hard_timeout(300)
+def test_slurm_time_limit_signal_saves_requeues_and_matches(tmp_path, jobs, fi_dataset, reference):
+    """No signal from the test: Slurm's own `--signal=USR1@30` before a one-minute limit."""
+    run_dir, ckpt = tmp_path / "run", tmp_path / "ckpt"
+    limit = ["--time", "00:01:00", "--signal-margin", "30"]
+    ids = _submit(run_dir, ckpt, fi_dataset, *limit, f"train.inject_hold_step={HOLD}")
+    jobs.add(*ids)
+    jobs.wait(timeout=260)
+    ends = [e for e in events(run_dir) if e["event"] == "end"]
+    assert len(ends) == 2, logs(run_dir)
+    first, second = ends
+    assert (first["iteration"], first["rc"]) == (HOLD, 0), logs(run_dir)
+    assert (second["iteration"], second["rc"], second["restart"]) == (ITERS, 0, 1)
+    assert first["job_id"] == second["job_id"] == ids[0]
+    text = logs(run_dir)
+    assert f"stopping at step {HOLD}: signal SIGUSR1 (checkpoint saved)" in text, text[-3000:]
+    assert "requeueing job" in text
+    assert "#SBATCH --signal=USR1@30" in (run_dir / "job.sbatch").read_text()
     _assert_same_losses(ckpt, reference)
 
 

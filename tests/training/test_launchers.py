@@ -3,14 +3,18 @@ losses as under our own `--nproc-per-node` launcher (2 ranks, tp=2)."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
+import psutil
 import pytest
 
 from megatron_ext.training.launch import free_port
-from tests.training.helpers import env, losses, run_train, train_cmd
+from tests.training.helpers import env, losses, metrics, run_train, train_cmd
 
 pytestmark = pytest.mark.distributed
 
@@ -75,3 +79,54 @@ def test_mpirun_launch_equals_local_launcher(fi_dataset, tmp_path, local_losses)
     ckpt = tmp_path / "mpi"
     cmd = [mpirun, "-np", "2", *train_cmd("bloom", fi_dataset, ckpt, *OVERRIDES)]
     _run_and_compare(cmd, ckpt, local_losses, mpi_env)
+
+
+def _rank_pid(launcher: psutil.Process, rank: int) -> int | None:
+    for child in launcher.children(recursive=True):
+        try:
+            environ = child.environ()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if environ.get("RANK") == str(rank) and "megatron_ext" in " ".join(child.cmdline()):
+            return child.pid
+    return None
+
+
+def test_torchrun_rank_stopped_by_sigstop_times_out_naming_the_stage(fi_dataset, tmp_path):
+    """A rank frozen by SIGSTOP (a node that stops answering) under torchrun's agent: the other
+    rank's next collective times out with an error naming its stage, the job ends instead of
+    hanging, and the last complete checkpoint stays `latest`."""
+    ckpt = tmp_path / "sigstop"
+    args = _module_args(fi_dataset, ckpt)
+    # a save every step: the freeze lands in a train_batch or in a checkpoint save; both are named
+    args += ["train.iterations=200", "checkpoint.interval=1", "train.collective_timeout_s=10"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    cmd += ["--master-port", str(free_port()), "-m", "megatron_ext", *args]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env()
+    )
+    launcher = psutil.Process(proc.pid)
+    frozen = None
+    try:
+        deadline = time.monotonic() + 180
+        while not (ckpt / "latest").exists() or len(metrics(ckpt)) < 3:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.1)
+        frozen = _rank_pid(launcher, 1)
+        assert frozen is not None
+        os.kill(frozen, signal.SIGSTOP)
+        frozen_at = max(r["step"] for r in metrics(ckpt))
+        out, err = proc.communicate(timeout=180)
+    finally:
+        if frozen is not None and psutil.pid_exists(frozen):
+            os.kill(frozen, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode != 0, err[-3000:]
+    assert "rank 0 (pipeline stage 0/1, tp 0, dp 0) failed in a collective" in err, err[-12000:]
+    assert "Timed out" in err, err[-3000:]
+    assert max(r["step"] for r in metrics(ckpt)) <= frozen_at + 1  # nothing ran past the freeze
+    latest = (ckpt / "latest").read_text()
+    assert (ckpt / latest).is_dir() and int(latest.removeprefix("iter_")) <= frozen_at + 1
+    assert not psutil.pid_exists(frozen) or psutil.Process(frozen).status() == "zombie"

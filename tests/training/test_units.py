@@ -105,3 +105,24 @@ def test_exit_duration_counts_from_process_start():
     assert age > 2
     assert StopConditions(exit_duration_mins=(age - 1) / 60).local_reason().startswith("exit")
     assert StopConditions(exit_duration_mins=(age + 60) / 60).local_reason() is None
+
+
+def test_a_collective_failure_in_a_save_is_named_and_other_errors_pass():
+    from types import SimpleNamespace
+
+    from megatron_ext.training.trainer import CollectiveError, _collectives_named
+
+    ctx = SimpleNamespace(rank=3, pp_rank=1, pp_size=2, tp_rank=1, dp_rank=0)
+    engine = SimpleNamespace(ctx=ctx, ds=None)
+    phase = "the checkpoint save of iter_0000004"
+    with pytest.raises(CollectiveError) as info:
+        with _collectives_named(engine, 4, phase):
+            raise RuntimeError("[gloo/transport/tcp/pair.cc:534] Timed out waiting 10000ms")
+    text = str(info.value)
+    assert "step 4: rank 3 (pipeline stage 1/2, tp 1, dp 0) failed in a collective" in text
+    assert f"during {phase}: [gloo" in text
+    for other in (RuntimeError("No space left on device"), ValueError("timed out")):
+        with pytest.raises(type(other)) as info:
+            with _collectives_named(engine, 4, phase):
+                raise other
+        assert info.value is other  # not disguised as a peer's failure
