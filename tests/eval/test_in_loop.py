@@ -68,3 +68,27 @@ def test_the_other_ranks_start_nothing(tmp_path):
     task_eval.after_save(2)
     task_eval.finish()
     assert task_eval.proc is None and not (tmp_path / "eval").exists()
+
+
+@pytest.mark.parametrize("wait_at_end_s, max_wait_s", [(0.5, None), (600.0, 0.5)])
+def test_the_end_of_run_wait_is_capped_and_stops_the_eval(tmp_path, wait_at_end_s, max_wait_s):
+    """eval.wait_at_end_s, or 80% of the collective timeout (max_wait_s) when lower, bounds the
+    wait at the end of training: a longer eval (here one still importing lm-eval) is stopped and
+    its row says so; no eval process is left behind."""
+    import time
+
+    import psutil
+
+    cfg = EvalConfig(
+        tasks="fi_gimp_completion", every_checkpoints=1, tokenizer=str(tmp_path),
+        wait_at_end_s=wait_at_end_s,
+    )  # fmt: skip
+    task_eval = InLoopEval(cfg, tmp_path, is_rank0=True, max_wait_s=max_wait_s)
+    task_eval.after_save(5)
+    pid = task_eval.proc.pid
+    start = time.monotonic()
+    task_eval.finish()
+    assert time.monotonic() - start < 20  # 0.5 s of waiting, then SIGTERM (30 s to SIGKILL)
+    assert task_eval.proc is None and not psutil.pid_exists(pid)
+    (row,) = [json.loads(line) for line in (tmp_path / "eval" / "summary.jsonl").open()]
+    assert row["step"] == 5 and "exited with -15" in row["error"], row
