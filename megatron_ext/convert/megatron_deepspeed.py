@@ -44,6 +44,24 @@ Vocabulary: the merged table has V_pad rows (padded to make-vocab-size-divisible
 HF BLOOM keeps the padded table (250,880 rows), and so do we unless `--vocab-size N` keeps
 the first N rows (the tokenizer's size).
 
+Llama-architecture models (Microsoft/LumiOpen Megatron-DeepSpeed trained with --swiglu
+--normalization rmsnorm --use-rotary-position-embeddings --untie-embeddings-and-output-weights
+--disable-bias-linear [--num-key-value-heads N]; nkv kv heads, g = np / nkv) use the same layer
+files with another GPTModelPipe layout (no transpose layers, no embedding norm, no biases):
+    1        EmbeddingPipe: word_embeddings.weight [V_pad / tp, h]
+    2..L+1   blocks, i = XX - 2: input_layernorm.weight [h], post_attention_layernorm.weight [h],
+             self_attention.query_key_value.weight [(np + 2 nkv) hn / tp, h] column parallel,
+             rows [nkv / tp, g + 2, hn]: per kv group its g query heads, then k, then v (MHA:
+             per head q, k, v); self_attention.dense.weight [h, h / tp] row parallel;
+             mlp.dense_h_to_4h.weight [2 f / tp, h]: this rank's gate rows, then its up rows
+             (SwiGLU = silu(first half) * second half); mlp.dense_4h_to_h.weight [h, f / tp]
+    L+2      final RMSNorm: weight [h]
+    L+3      lm_head.weight [V_pad / tp, h] (untied output layer; with tied embeddings there is
+             no file: the embedding is re-used as for BLOOM)
+RoPE acts on the rows in HF's rotate-half order, so q and k rows map to HF's without a
+permutation. Llama from a universal checkpoint is refused (its fused GLU and GQA rows are
+merged by rules this reader does not know).
+
 Layout 2, a DeepSpeed universal checkpoint (deepspeed.checkpoint.ds_to_universal):
 
     <root>/latest_universal                     the tag, e.g. "global_step95000_universal"
@@ -98,9 +116,24 @@ COLUMN_PARALLEL = (
     "self_attention.query_key_value.",
     "mlp.dense_h_to_4h.",
     "word_embeddings.weight",
+    "lm_head.weight",
 )
 ROW_PARALLEL = ("self_attention.dense.weight", "mlp.dense_4h_to_h.weight")
+# HF Llama module -> the Megatron-DeepSpeed block key holding it (q/k/v and gate/up are fused)
+LLAMA_BLOCK_KEYS = {
+    "input_layernorm": "input_layernorm.weight",
+    "post_attention_layernorm": "post_attention_layernorm.weight",
+    "self_attn.q_proj": "self_attention.query_key_value.weight",
+    "self_attn.k_proj": "self_attention.query_key_value.weight",
+    "self_attn.v_proj": "self_attention.query_key_value.weight",
+    "self_attn.o_proj": "self_attention.dense.weight",
+    "mlp.gate_proj": "mlp.dense_h_to_4h.weight",
+    "mlp.up_proj": "mlp.dense_h_to_4h.weight",
+    "mlp.down_proj": "mlp.dense_4h_to_h.weight",
+}
 STAND_IN_MODULES = ("megatron.", "deepspeed.", "numpy.", "apex.")
+VOCAB_KEYS = ("word_embeddings.weight", "lm_head.weight")
+LLAMA_FUSED = ("self_attention.query_key_value.weight", "mlp.dense_h_to_4h.weight")
 ALIBI = 3  # megatron.enums.PositionEmbeddingType: rotary 1, absolute 2, alibi 3, xpos 4
 
 
@@ -117,6 +150,8 @@ class Source:
     embed: int | None  # pipeline index of the embedding (None in universal: tied_modules)
     blocks: tuple[int, ...]  # pipeline index of block i
     final: int
+    family: str = "bloom"  # bloom | llama (key names and the GPTModelPipe layout above)
+    head: int | None = None  # pipeline index of Llama's untied lm_head
 
     def path(self, index: int | None, key: str, tp_rank: int = 0) -> Path:
         if self.universal:
@@ -125,7 +160,10 @@ class Source:
         return self.tag_dir / f"layer_{index:02d}-model_{tp_rank:02d}-model_states.pt"
 
     def locate(self, hf_name: str) -> tuple[int | None, str]:
-        """HF BLOOM name -> (pipeline index, key in that layer)."""
+        """HF BLOOM or Llama name -> (pipeline index, key in that layer). A Llama q/k/v or
+        gate/up name locates the fused tensor it is cut from."""
+        if self.family == "llama":
+            return self._locate_llama(hf_name)
         name = hf_name.removeprefix("transformer.")
         if name == "word_embeddings.weight":
             return self.embed, name
@@ -137,6 +175,22 @@ class Source:
         if match is None:
             raise UserError(f"{self.tag_dir}: no Megatron-DeepSpeed tensor for {hf_name}")
         return self.blocks[int(match.group(1))], match.group(2)
+
+    def _locate_llama(self, hf_name: str) -> tuple[int | None, str]:
+        if hf_name == "model.embed_tokens.weight":
+            return self.embed, "word_embeddings.weight"
+        if hf_name == "model.norm.weight":
+            return self.final, "weight"
+        if hf_name == "lm_head.weight" and self.head is not None:
+            return self.head, "lm_head.weight"
+        match = re.match(r"model\.layers\.(\d+)\.(.+)$", hf_name)
+        if match is None:
+            raise UserError(f"{self.tag_dir}: no Megatron-DeepSpeed tensor for {hf_name}")
+        module = match.group(2).rsplit(".", 1)[0]
+        key = LLAMA_BLOCK_KEYS.get(module)
+        if key is None:
+            raise UserError(f"{self.tag_dir}: no Megatron-DeepSpeed tensor for {hf_name}")
+        return self.blocks[int(match.group(1))], key
 
 
 def resolve_tag_dir(path: str | Path) -> Path:
@@ -179,7 +233,7 @@ def _open_universal(tag_dir: Path, num_layers: int) -> Source:
     return source
 
 
-def _open_layer_files(tag_dir: Path, num_layers: int) -> Source:
+def _open_layer_files(tag_dir: Path, num_layers: int, family: str, tied: bool) -> Source:
     found: dict[int, set[int]] = {}
     for p in tag_dir.glob("layer_*-model_*-model_states.pt"):
         if match := LAYER_RE.match(p.name):
@@ -188,26 +242,44 @@ def _open_layer_files(tag_dir: Path, num_layers: int) -> Source:
         raise UserError(f"{tag_dir}: no layer_XX-model_YY-model_states.pt files")
     embed = min(found)
     tp_size = max(found[embed]) + 1
-    blocks = tuple(range(embed + 2, embed + 2 + num_layers))
-    source = Source(tag_dir, False, tp_size, embed, blocks, embed + num_layers + 3)
-    for index in (embed, *blocks, source.final):
+    if family == "llama":  # no transpose layers: blocks right after the embedding
+        blocks = tuple(range(embed + 1, embed + 1 + num_layers))
+        final = embed + num_layers + 1
+        head = None if tied else final + 1
+        source = Source(tag_dir, False, tp_size, embed, blocks, final, "llama", head)
+    else:
+        blocks = tuple(range(embed + 2, embed + 2 + num_layers))
+        source = Source(tag_dir, False, tp_size, embed, blocks, embed + num_layers + 3)
+    wanted = (embed, *blocks, source.final) + (() if source.head is None else (source.head,))
+    for index in wanted:
         for tp_rank in range(tp_size):
             if not source.path(index, "", tp_rank).is_file():
                 what = f"pipeline layer {index}, tp rank {tp_rank} of {tp_size}"
                 raise _missing(source.path(index, "", tp_rank), what)
-    extra = sorted(set(found) - {embed, *blocks, source.final})
+    extra = sorted(set(found) - set(wanted))
     if extra:
+        order = (
+            "embedding, blocks from XX+1, final norm, untied lm_head"
+            if family == "llama"
+            else "embedding, blocks from XX+2, final norm after a gap"
+        )
         raise UserError(
             f"{tag_dir}: layer files {extra} beyond the {num_layers} blocks of the model config "
-            "(layer_XX numbers: embedding, blocks from XX+2, final norm after a gap)"
+            f"(layer_XX numbers: {order})"
         )
     return source
 
 
-def open_source(tag_dir: Path, num_layers: int) -> Source:
+def open_source(tag_dir: Path, num_layers: int, family: str = "bloom", tied: bool = True) -> Source:
     if (tag_dir / "zero").is_dir():
+        if family != "bloom":
+            raise UserError(
+                f"{tag_dir / 'zero'}: a universal checkpoint of a Llama-architecture model is not "
+                "supported (its fused GLU and GQA rows are merged by rules this reader does not "
+                "know); convert the layer_XX-model_YY files it was made from instead"
+            )
         return _open_universal(tag_dir, num_layers)
-    return _open_layer_files(tag_dir, num_layers)
+    return _open_layer_files(tag_dir, num_layers, family, tied)
 
 
 # --- Megatron's args, read without running code from the file -------------------------------
@@ -256,14 +328,64 @@ def read_client_state(path: Path) -> dict:
     return state
 
 
+def _is_llama_args(args: dict) -> bool:
+    return bool(args.get("swiglu")) or args.get("normalization") == "rmsnorm"
+
+
+def _llama_config_from_args(args: dict, where: Path) -> dict:
+    """A LlamaConfig dict from Megatron-DeepSpeed's args; refuses what LlamaForCausalLM cannot
+    express (the model must be Llama in every part, not only in some)."""
+    position = args.get("position_embedding_type")
+    rotary = bool(args.get("use_rotary_position_embeddings")) or (
+        "rotary" in str(getattr(position, "args", position) or "").lower()
+        or getattr(position, "args", (None,))[:1] == (1,)
+    )
+    problems = {
+        "swiglu": not args.get("swiglu"),
+        "normalization": args.get("normalization") != "rmsnorm",
+        "use_rotary_position_embeddings": not rotary,
+        "add_bias_linear": bool(args.get("add_bias_linear", False)),
+        "apply_residual_connection_post_layernorm": bool(
+            args.get("apply_residual_connection_post_layernorm")
+        ),
+    }
+    bad = [f"{k}={args.get(k)!r}" for k, v in problems.items() if v]
+    if bad:
+        raise UserError(
+            f"{where}: args {', '.join(bad)}: not a Llama-architecture model (SwiGLU, RMSNorm, "
+            "rotary positions, no linear biases, pre-norm residual); no key map for it"
+        )
+    heads = args["num_attention_heads"]
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "num_hidden_layers": args["num_layers"],
+        "hidden_size": args["hidden_size"],
+        "num_attention_heads": heads,
+        "num_key_value_heads": args.get("num_key_value_heads") or heads,
+        "intermediate_size": args["ffn_hidden_size"],
+        "vocab_size": args.get("padded_vocab_size"),
+        "rms_norm_eps": args.get("layernorm_epsilon", 1e-5),
+        "rope_theta": float(args.get("rope_theta") or 10000.0),
+        "max_position_embeddings": args.get("max_position_embeddings") or args.get("seq_length"),
+        "tie_word_embeddings": not args.get("untie_embeddings_and_output_weights", False),
+        "initializer_range": args.get("init_method_std", 0.02),
+        "hidden_act": "silu",
+        "seq_length": args.get("seq_length"),
+    }
+
+
 def _hf_config_from_args(args: dict, state: dict, where: Path) -> dict:
-    """A BloomConfig dict from Megatron's args; refuses what BloomForCausalLM cannot express."""
+    """A BloomConfig or LlamaConfig dict from Megatron's args; refuses what neither
+    BloomForCausalLM nor LlamaForCausalLM can express."""
     version = state.get("checkpoint_version", 3.0)
     if isinstance(version, (int, float)) and version < 2.0:
         raise UserError(
             f"{where}: checkpoint_version {version} stores QKV rows in a pre-2.0 order; load and "
             "re-save it with Megatron first"
         )
+    if _is_llama_args(args):
+        return _llama_config_from_args(args, where)
     position = args.get("position_embedding_type")
     problems = {
         "position_embedding_type": getattr(position, "args", (ALIBI,))[:1] != (ALIBI,),
@@ -277,7 +399,8 @@ def _hf_config_from_args(args: dict, state: dict, where: Path) -> dict:
     if bad:
         raise UserError(
             f"{where}: args {', '.join(bad)}: not a BLOOM-architecture model (ALiBi, embedding "
-            "LayerNorm, GeLU, pre-LN residual); no key map for it"
+            "LayerNorm, GeLU, pre-LN residual) nor a Llama one (--swiglu, rmsnorm); no key map "
+            "for it"
         )
     hidden = args["hidden_size"]
     ffn = args.get("ffn_hidden_size") or 4 * hidden
@@ -342,6 +465,15 @@ def _merge(key: str, shards: list[torch.Tensor], where: Path) -> torch.Tensor:
 
 def _expected_shape(key: str, config: ModelConfig) -> tuple[int, ...]:
     h, f = config.hidden_size, config.ffn_hidden_size
+    if config.family == "llama":
+        qkv = (config.num_attention_heads + 2 * config.num_kv_heads) * config.head_dim
+        llama = {
+            "self_attention.query_key_value.weight": (qkv, h),
+            "self_attention.dense.weight": (h, config.num_attention_heads * config.head_dim),
+            "mlp.dense_h_to_4h.weight": (2 * f, h),
+            "mlp.dense_4h_to_h.weight": (h, f),
+        }
+        return llama.get(key, (h,))
     shapes = {
         "self_attention.query_key_value.weight": (3 * h, h),
         "self_attention.query_key_value.bias": (3 * h,),
@@ -362,7 +494,9 @@ def _load(source: Source, path: Path, key: str) -> torch.Tensor:
         return tensor
     if not isinstance(state, dict) or key not in state:
         have = ", ".join(sorted(state)[:8]) if isinstance(state, dict) else type(state).__name__
-        raise UserError(f"{path} has no {key} (has: {have}); is it a BLOOM checkpoint?")
+        raise UserError(
+            f"{path} has no {key} (has: {have}); is it a {source.family.upper()} checkpoint?"
+        )
     return state[key]
 
 
@@ -374,23 +508,48 @@ def _shards(source: Source, hf_name: str) -> tuple[str, list[torch.Tensor], Path
 
 def vocab_rows(source: Source) -> int:
     """Rows of the merged word embedding (memory-mapped: no data read)."""
-    _, shards, _ = _shards(source, "transformer.word_embeddings.weight")
+    name = "model.embed_tokens.weight" if source.family == "llama" else "word_embeddings.weight"
+    _, shards, _ = _shards(source, name)
     return sum(s.shape[0] for s in shards)
 
 
+def _unfuse_llama(hf_name: str, key: str, full: torch.Tensor, shards, config) -> torch.Tensor:
+    """A Llama q/k/v or gate/up tensor out of Megatron's fused rows (layout in the module doc)."""
+    module = hf_name.rsplit(".", 2)[-2]
+    if key == "mlp.dense_h_to_4h.weight":  # each rank: its gate rows, then its up rows
+        half = 0 if module == "gate_proj" else 1
+        return torch.cat([s.chunk(2, dim=0)[half] for s in shards]).contiguous()
+    nkv, hn = config.num_kv_heads, config.head_dim
+    g = config.num_attention_heads // nkv
+    grouped = full.reshape(nkv, g + 2, hn, -1)  # ranks hold whole kv groups, in order
+    rows = {"q_proj": slice(0, g), "k_proj": slice(g, g + 1), "v_proj": slice(g + 1, g + 2)}
+    return grouped[:, rows[module]].reshape(-1, full.shape[-1]).contiguous()
+
+
 def hf_reader(source: Source, config: ModelConfig) -> driver.GetHF:
-    """`get_hf(name)`: one full HF BLOOM tensor, merged from the source's files on demand."""
+    """`get_hf(name)`: one full HF BLOOM or Llama tensor, merged from the source's files on
+    demand (a Llama q/k/v or gate/up reads its fused tensor's shards)."""
 
     def get(hf_name: str) -> torch.Tensor:
         key, shards, where = _shards(source, hf_name)
         full = _merge(key, shards, where)
+        if tuple(full.shape) != _expected_shape(key, config) and key not in VOCAB_KEYS:
+            raise UserError(
+                f"{where}: {key} merged over tp={source.tp_size} is {tuple(full.shape)}, the "
+                f"model config needs {_expected_shape(key, config)}; do the config and "
+                "checkpoint match?"
+            )
+        if key in LLAMA_FUSED and source.family == "llama":
+            full = _unfuse_llama(hf_name, key, full, shards, config)
+            del shards
+            return full
         del shards
-        if key == "word_embeddings.weight":
+        if key in VOCAB_KEYS:
             full = full[: config.vocab_size].contiguous()  # drop the vocabulary padding
             expected: tuple[int, ...] = (config.vocab_size, config.hidden_size)
         else:
             expected = _expected_shape(key, config)
-        if tuple(full.shape) != expected:
+        if tuple(full.shape) != expected:  # the embedding, cut to the vocabulary
             raise UserError(
                 f"{where}: {key} merged over tp={source.tp_size} is {tuple(full.shape)}, the "
                 f"model config needs {expected}; do the config and checkpoint match?"
@@ -422,10 +581,9 @@ def convert(
     hf = source_hf_config(tag_dir, hf_config)
     where = str(hf_config or tag_dir / "mp_rank_00_model_states.pt")
     family = driver.family_of(hf, where)
-    if family.name != "bloom":
-        raise UserError(f"{where}: {family.hf_architecture}: only BLOOM-architecture is supported")
     num_layers = hf.get("n_layer", hf.get("num_hidden_layers"))
-    source = open_source(tag_dir, int(num_layers))
+    tied = bool(hf.get("tie_word_embeddings", family.name == "bloom"))
+    source = open_source(tag_dir, int(num_layers), family.name, tied)
     rows = vocab_rows(source)
     vocab = vocab_size or min(hf.get("vocab_size") or rows, rows)
     if not 0 < vocab <= rows:
@@ -449,14 +607,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     """`convert from-megatron-deepspeed` (registered by convert_cli)."""
     p = sub.add_parser(
         "from-megatron-deepspeed",
-        help="Megatron-DeepSpeed (BLOOM layer files) or universal checkpoint -> ours",
+        help="Megatron-DeepSpeed (BLOOM or Llama layer files) or universal checkpoint -> ours",
     )
     p.add_argument("--input", required=True, help="checkpoint root (latest) or global_stepN dir")
     p.add_argument("--output", required=True, help="checkpoint root to create (must not exist)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (1)")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (1)")
     p.add_argument("--dtype", choices=list(driver.DTYPE_NAMES), help="default: as stored")
-    p.add_argument("--hf-config", help="BLOOM config.json (default: Megatron's saved args)")
+    p.add_argument(
+        "--hf-config", help="BLOOM or Llama config.json (default: Megatron's saved args)"
+    )
     p.add_argument("--vocab-size", type=int, help="keep this many embedding rows (no padding)")
 
 
