@@ -345,6 +345,10 @@ def _llama_config_from_args(args: dict, where: Path) -> dict:
         "normalization": args.get("normalization") != "rmsnorm",
         "use_rotary_position_embeddings": not rotary,
         "add_bias_linear": bool(args.get("add_bias_linear", False)),
+        "add_position_embedding": bool(args.get("add_position_embedding", False)),
+        "rotary_percent": args.get("rotary_percent", 1.0) != 1.0,
+        "kv_channels": args.get("kv_channels")
+        not in (None, args["hidden_size"] // args["num_attention_heads"]),
         "apply_residual_connection_post_layernorm": bool(
             args.get("apply_residual_connection_post_layernorm")
         ),
@@ -353,7 +357,8 @@ def _llama_config_from_args(args: dict, where: Path) -> dict:
     if bad:
         raise UserError(
             f"{where}: args {', '.join(bad)}: not a Llama-architecture model (SwiGLU, RMSNorm, "
-            "rotary positions, no linear biases, pre-norm residual); no key map for it"
+            "rotary positions on whole heads of hidden / heads, no learned positions, no linear "
+            "biases, pre-norm residual); no key map for it"
         )
     heads = args["num_attention_heads"]
     return {

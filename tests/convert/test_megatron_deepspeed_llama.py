@@ -111,7 +111,8 @@ def llama_args(**changes) -> argparse.Namespace:
         init_method_std=0.02, tensor_model_parallel_size=SRC_TP, pipeline_model_parallel_size=2,
         swiglu=True, normalization="rmsnorm", use_rotary_position_embeddings=True,
         rope_theta=10000.0, untie_embeddings_and_output_weights=True, add_bias_linear=False,
-        apply_residual_connection_post_layernorm=False, bf16=False,
+        apply_residual_connection_post_layernorm=False, bf16=False, add_position_embedding=False,
+        rotary_percent=1.0, kv_channels=HN,
     )  # fmt: skip
     return argparse.Namespace(**{**args, **changes})
 
@@ -158,6 +159,10 @@ def test_swapped_gate_and_up_would_be_caught(llama, tmp_path):
 def test_llama_refusals_leave_nothing(llama, tmp_path):
     write_llama_megatron(tmp_path / "mds", llama["state"], llama_args(add_bias_linear=True))
     with pytest.raises(UserError, match="add_bias_linear=True.*not a Llama-architecture"):
+        convert(tmp_path / "mds", tmp_path / "out" / "a")
+    shutil.rmtree(tmp_path / "mds")
+    write_llama_megatron(tmp_path / "mds", llama["state"], llama_args(rotary_percent=0.5))
+    with pytest.raises(UserError, match="rotary_percent=0.5"):
         convert(tmp_path / "mds", tmp_path / "out" / "a")
     shutil.rmtree(tmp_path / "mds")
     tag_dir = write_llama_megatron(tmp_path / "mds", llama["state"], llama_args())
