@@ -59,7 +59,8 @@ files with another GPTModelPipe layout (no transpose layers, no embedding norm, 
     L+3      lm_head.weight [V_pad / tp, h] (untied output layer; with tied embeddings there is
              no file: the embedding is re-used as for BLOOM)
 RoPE acts on the rows in HF's rotate-half order, so q and k rows map to HF's without a
-permutation. Llama from a universal checkpoint is refused (its fused GLU and GQA rows are
+permutation. (Older Microsoft versions tied the embedding and put a transpose layer before the
+blocks, as BLOOM's layout does; such files fail the layer-number check with a clear error.) Llama from a universal checkpoint is refused (its fused GLU and GQA rows are
 merged by rules this reader does not know).
 
 Layout 2, a DeepSpeed universal checkpoint (deepspeed.checkpoint.ds_to_universal):
