@@ -31,13 +31,12 @@ HN = HIDDEN // HEADS
 SRC_TP = 2
 
 
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
+def _llama(tmp_path_factory, tied: bool) -> dict:
     config = ModelConfig(
         family="llama", num_layers=LAYERS, hidden_size=HIDDEN, num_attention_heads=HEADS,
         num_kv_heads=KV_HEADS, ffn_hidden_size=FFN, vocab_size=VOCAB, seq_length=64,
         position_embedding="rope", norm="rmsnorm", embedding_layernorm=False,
-        activation="swiglu", tied_embeddings=False, bias=False, rope_theta=10000.0,
+        activation="swiglu", tied_embeddings=tied, bias=False, rope_theta=10000.0,
     )  # fmt: skip
     model = hf_model(config, seed=11)
     hf_dir = tmp_path_factory.mktemp("hf") / "llama"
@@ -47,6 +46,16 @@ def llama(tmp_path_factory):
         logits = model(ids).logits
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     return {"config": config, "hf_dir": hf_dir, "state": state, "ids": ids, "logits": logits}
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return _llama(tmp_path_factory, tied=False)
+
+
+@pytest.fixture(scope="module")
+def tied_llama(tmp_path_factory):
+    return _llama(tmp_path_factory, tied=True)
 
 
 def _padded(table: torch.Tensor, seed: int) -> torch.Tensor:
@@ -81,17 +90,20 @@ def _block_rank(state: dict, i: int, rank: int) -> dict[str, torch.Tensor]:
 
 
 def write_llama_megatron(root: Path, state: dict, args: argparse.Namespace | None) -> Path:
-    """GPTModelPipe files: 1 embedding, 2..L+1 blocks, L+2 final RMSNorm, L+3 lm_head."""
+    """GPTModelPipe files: 1 embedding, 2..L+1 blocks, L+2 final RMSNorm, L+3 lm_head (none
+    when the embedding is tied: the last stage re-uses it)."""
     tag_dir = root / "global_step9"
     tag_dir.mkdir(parents=True)
     emb = _padded(state["model.embed_tokens.weight"], 4)
-    head = _padded(state["lm_head.weight"], 5)
+    untied = args is None or args.untie_embeddings_and_output_weights
+    head = _padded(state["lm_head.weight"], 5) if untied else None
     for rank in range(SRC_TP):
         layers = {
             1: {"word_embeddings.weight": emb.chunk(SRC_TP)[rank]},
             LAYERS + 2: {"weight": state["model.norm.weight"].clone()},
-            LAYERS + 3: {"lm_head.weight": head.chunk(SRC_TP)[rank]},
         }
+        if head is not None:
+            layers[LAYERS + 3] = {"lm_head.weight": head.chunk(SRC_TP)[rank]}
         layers.update({2 + i: _block_rank(state, i, rank) for i in range(LAYERS)})
         for index, tensors in layers.items():
             tensors = {k: v.clone() for k, v in tensors.items()}  # no shared storage on disk
@@ -123,6 +135,16 @@ def test_llama_layer_files_convert_like_hf(llama, tmp_path, tp, pp):
     out = tmp_path / "ours"
     convert(tmp_path / "mds", out, tp, pp, vocab_size=VOCAB)
     assert_same_checkpoint(out, from_hf(llama, tmp_path, tp, pp))
+
+
+def test_tied_llama_has_no_head_file_and_converts_like_hf(tied_llama, tmp_path):
+    args = llama_args(untie_embeddings_and_output_weights=False)
+    tag_dir = write_llama_megatron(tmp_path / "mds", tied_llama["state"], args)
+    assert not (tag_dir / f"layer_{LAYERS + 3:02d}-model_00-model_states.pt").exists()
+    out = tmp_path / "ours"
+    convert(tmp_path / "mds", out, 2, 2, vocab_size=VOCAB)
+    assert layout.read_run_config(out / "iter_0000000")["model"]["tied_embeddings"] is True
+    assert_same_checkpoint(out, from_hf(tied_llama, tmp_path, 2, 2))
 
 
 def test_converted_llama_computes_hf_logits(llama, tmp_path):
