@@ -60,8 +60,9 @@ files with another GPTModelPipe layout (no transpose layers, no embedding norm, 
              no file: the embedding is re-used as for BLOOM)
 RoPE acts on the rows in HF's rotate-half order, so q and k rows map to HF's without a
 permutation. (Older Microsoft versions tied the embedding and put a transpose layer before the
-blocks, as BLOOM's layout does; such files fail the layer-number check with a clear error.) Llama from a universal checkpoint is refused (its fused GLU and GQA rows are
-merged by rules this reader does not know).
+blocks, as BLOOM's layout does; such files fail the layer-number check with a clear error.)
+Llama from a universal checkpoint is refused (its fused GLU and GQA rows are merged by rules
+this reader does not know).
 
 Layout 2, a DeepSpeed universal checkpoint (deepspeed.checkpoint.ds_to_universal):
 
@@ -135,7 +136,7 @@ LLAMA_BLOCK_KEYS = {
 STAND_IN_MODULES = ("megatron.", "deepspeed.", "numpy.", "apex.")
 VOCAB_KEYS = ("word_embeddings.weight", "lm_head.weight")
 LLAMA_FUSED = ("self_attention.query_key_value.weight", "mlp.dense_h_to_4h.weight")
-ALIBI = 3  # megatron.enums.PositionEmbeddingType: rotary 1, absolute 2, alibi 3, xpos 4
+ROTARY, ALIBI = 1, 3  # megatron.enums.PositionEmbeddingType: rotary 1, absolute 2, alibi 3
 
 
 # --- the source: which files hold which layer -----------------------------------------------
@@ -329,6 +330,13 @@ def read_client_state(path: Path) -> dict:
     return state
 
 
+def _refuse_unless(problems: dict[str, bool], args: dict, where: Path, expected: str) -> None:
+    """Raise naming every arg in `problems` flagged True (with its value) and what `expected`."""
+    bad = [f"{k}={args.get(k)!r}" for k, v in problems.items() if v]
+    if bad:
+        raise UserError(f"{where}: args {', '.join(bad)}: {expected}; no key map for it")
+
+
 def _is_llama_args(args: dict) -> bool:
     return bool(args.get("swiglu")) or args.get("normalization") == "rmsnorm"
 
@@ -336,10 +344,9 @@ def _is_llama_args(args: dict) -> bool:
 def _llama_config_from_args(args: dict, where: Path) -> dict:
     """A LlamaConfig dict from Megatron-DeepSpeed's args; refuses what LlamaForCausalLM cannot
     express (the model must be Llama in every part, not only in some)."""
-    position = args.get("position_embedding_type")
+    position = args.get("position_embedding_type")  # an enum stand-in, value in .args
     rotary = bool(args.get("use_rotary_position_embeddings")) or (
-        "rotary" in str(getattr(position, "args", position) or "").lower()
-        or getattr(position, "args", (None,))[:1] == (1,)
+        getattr(position, "args", (None,))[:1] == (ROTARY,)
     )
     problems = {
         "swiglu": not args.get("swiglu"),
@@ -354,13 +361,11 @@ def _llama_config_from_args(args: dict, where: Path) -> dict:
             args.get("apply_residual_connection_post_layernorm")
         ),
     }
-    bad = [f"{k}={args.get(k)!r}" for k, v in problems.items() if v]
-    if bad:
-        raise UserError(
-            f"{where}: args {', '.join(bad)}: not a Llama-architecture model (SwiGLU, RMSNorm, "
-            "rotary positions on whole heads of hidden / heads, no learned positions, no linear "
-            "biases, pre-norm residual); no key map for it"
-        )
+    _refuse_unless(
+        problems, args, where,
+        "not a Llama-architecture model (SwiGLU, RMSNorm, rotary positions on whole heads of "
+        "hidden / heads, no learned positions, no linear biases, pre-norm residual)",
+    )  # fmt: skip
     heads = args["num_attention_heads"]
     return {
         "architectures": ["LlamaForCausalLM"],
@@ -401,13 +406,11 @@ def _hf_config_from_args(args: dict, state: dict, where: Path) -> dict:
             args.get("apply_residual_connection_post_layernorm")
         ),
     }
-    bad = [f"{k}={args.get(k)!r}" for k, v in problems.items() if v]
-    if bad:
-        raise UserError(
-            f"{where}: args {', '.join(bad)}: not a BLOOM-architecture model (ALiBi, embedding "
-            "LayerNorm, GeLU, pre-LN residual) nor a Llama one (--swiglu, rmsnorm); no key map "
-            "for it"
-        )
+    _refuse_unless(
+        problems, args, where,
+        "not a BLOOM-architecture model (ALiBi, embedding LayerNorm, GeLU, pre-LN residual) nor "
+        "a Llama one (--swiglu, rmsnorm)",
+    )  # fmt: skip
     hidden = args["hidden_size"]
     ffn = args.get("ffn_hidden_size") or 4 * hidden
     if ffn != 4 * hidden:
@@ -506,25 +509,25 @@ def _load(source: Source, path: Path, key: str) -> torch.Tensor:
     return state[key]
 
 
-def _shards(source: Source, hf_name: str) -> tuple[str, list[torch.Tensor], Path]:
-    index, key = source.locate(hf_name)
+def _shards(source: Source, index: int | None, key: str) -> tuple[list[torch.Tensor], Path]:
+    """The TP shards of `key` in pipeline layer `index` (memory-mapped), and the first path."""
     paths = [source.path(index, key, r) for r in range(source.tp_size)]
-    return key, [_load(source, p, key) for p in paths], paths[0]
+    return [_load(source, p, key) for p in paths], paths[0]
 
 
 def vocab_rows(source: Source) -> int:
     """Rows of the merged word embedding (memory-mapped: no data read)."""
-    name = "model.embed_tokens.weight" if source.family == "llama" else "word_embeddings.weight"
-    _, shards, _ = _shards(source, name)
+    shards, _ = _shards(source, source.embed, "word_embeddings.weight")  # both families' name
     return sum(s.shape[0] for s in shards)
 
 
-def _unfuse_llama(hf_name: str, key: str, full: torch.Tensor, shards, config) -> torch.Tensor:
-    """A Llama q/k/v or gate/up tensor out of Megatron's fused rows (layout in the module doc)."""
+def _unfuse_llama(hf_name: str, key: str, full: torch.Tensor, config, tp: int) -> torch.Tensor:
+    """A Llama q/k/v or gate/up tensor out of Megatron's fused rows, merged over `tp` source
+    ranks (layout in the module doc)."""
     module = hf_name.rsplit(".", 2)[-2]
     if key == "mlp.dense_h_to_4h.weight":  # each rank: its gate rows, then its up rows
         half = 0 if module == "gate_proj" else 1
-        return torch.cat([s.chunk(2, dim=0)[half] for s in shards]).contiguous()
+        return full.reshape(tp, 2, -1, full.shape[-1])[:, half].reshape(-1, full.shape[-1])
     nkv, hn = config.num_kv_heads, config.head_dim
     g = config.num_attention_heads // nkv
     grouped = full.reshape(nkv, g + 2, hn, -1)  # ranks hold whole kv groups, in order
@@ -534,32 +537,36 @@ def _unfuse_llama(hf_name: str, key: str, full: torch.Tensor, shards, config) ->
 
 def hf_reader(source: Source, config: ModelConfig) -> driver.GetHF:
     """`get_hf(name)`: one full HF BLOOM or Llama tensor, merged from the source's files on
-    demand (a Llama q/k/v or gate/up reads its fused tensor's shards)."""
+    demand. A Llama q/k/v or gate/up is cut from its fused tensor, which is merged once and
+    kept until a name from another tensor is asked for (the driver asks for them together)."""
+    fused: dict[tuple[int | None, str], torch.Tensor] = {}  # at most one entry
 
-    def get(hf_name: str) -> torch.Tensor:
-        key, shards, where = _shards(source, hf_name)
+    def merged(hf_name: str) -> tuple[str, torch.Tensor]:
+        index, key = source.locate(hf_name)
+        if (index, key) in fused:
+            return key, fused[(index, key)]
+        shards, where = _shards(source, index, key)
         full = _merge(key, shards, where)
-        if tuple(full.shape) != _expected_shape(key, config) and key not in VOCAB_KEYS:
-            raise UserError(
-                f"{where}: {key} merged over tp={source.tp_size} is {tuple(full.shape)}, the "
-                f"model config needs {_expected_shape(key, config)}; do the config and "
-                "checkpoint match?"
-            )
-        if key in LLAMA_FUSED and source.family == "llama":
-            full = _unfuse_llama(hf_name, key, full, shards, config)
-            del shards
-            return full
         del shards
         if key in VOCAB_KEYS:
             full = full[: config.vocab_size].contiguous()  # drop the vocabulary padding
             expected: tuple[int, ...] = (config.vocab_size, config.hidden_size)
         else:
             expected = _expected_shape(key, config)
-        if tuple(full.shape) != expected:  # the embedding, cut to the vocabulary
+        if tuple(full.shape) != expected:
             raise UserError(
                 f"{where}: {key} merged over tp={source.tp_size} is {tuple(full.shape)}, the "
                 f"model config needs {expected}; do the config and checkpoint match?"
             )
+        fused.clear()
+        if source.family == "llama" and key in LLAMA_FUSED:
+            fused[(index, key)] = full
+        return key, full
+
+    def get(hf_name: str) -> torch.Tensor:
+        key, full = merged(hf_name)
+        if source.family == "llama" and key in LLAMA_FUSED:
+            return _unfuse_llama(hf_name, key, full, config, source.tp_size).contiguous()
         return full
 
     return get
