@@ -197,10 +197,8 @@ def test_layer_files_convert_like_hf(bloom, megatron_enums, tmp_path, tp, pp):
     assert_same_checkpoint(out, from_hf(bloom, tmp_path, tp, pp))
 
 
-def test_converted_model_computes_hf_logits(bloom, megatron_enums, tmp_path):
-    write_megatron(tmp_path / "mds", bloom["state"], megatron_args())
-    tag = convert(tmp_path / "mds" / "global_step7", tmp_path / "ours", vocab_size=VOCAB)
-    config = bloom["config"]
+def converted_logits(tag: Path, config: ModelConfig, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of our model loaded from a tp=1, pp=1 converted tag dir."""
     state = {}
     for pipe_layer in layout.pipeline_layers(config):
         shard = torch.load(layout.layer_file(tag, pipe_layer.index, 0), weights_only=True)
@@ -208,7 +206,13 @@ def test_converted_model_computes_hf_logits(bloom, megatron_enums, tmp_path):
     ours = build_model(config.replace(fused_ops=False))
     ours.load_state_dict(state, strict=True)
     with torch.no_grad():
-        logits = gather_vocab_parallel_logits(ours(bloom["ids"]), None, VOCAB)
+        return gather_vocab_parallel_logits(ours(ids), None, config.vocab_size)
+
+
+def test_converted_model_computes_hf_logits(bloom, megatron_enums, tmp_path):
+    write_megatron(tmp_path / "mds", bloom["state"], megatron_args())
+    tag = convert(tmp_path / "mds" / "global_step7", tmp_path / "ours", vocab_size=VOCAB)
+    logits = converted_logits(tag, bloom["config"], bloom["ids"])
     torch.testing.assert_close(logits, bloom["logits"], atol=1e-4, rtol=0)
 
 

@@ -16,10 +16,10 @@ import torch
 from megatron_ext.convert import layout
 from megatron_ext.convert.megatron_deepspeed import convert
 from megatron_ext.errors import UserError
-from megatron_ext.models import ModelConfig, build_model
-from megatron_ext.parallel.tensor_parallel import gather_vocab_parallel_logits
+from megatron_ext.models import ModelConfig
 from tests.convert.test_megatron_deepspeed import (
     assert_same_checkpoint,
+    converted_logits,
     from_hf,
     leftovers,
     write_mp_rank_files,
@@ -150,16 +150,8 @@ def test_tied_llama_has_no_head_file_and_converts_like_hf(tied_llama, tmp_path):
 def test_converted_llama_computes_hf_logits(llama, tmp_path):
     write_llama_megatron(tmp_path / "mds", llama["state"], llama_args())
     tag = convert(tmp_path / "mds", tmp_path / "ours", vocab_size=VOCAB)
-    config = llama["config"]
     assert layout.read_run_config(tag)["model"]["num_kv_heads"] == KV_HEADS
-    state = {}
-    for pipe_layer in layout.pipeline_layers(config):
-        shard = torch.load(layout.layer_file(tag, pipe_layer.index, 0), weights_only=True)
-        state.update({pipe_layer.prefix + k: v for k, v in shard.items()})
-    ours = build_model(config.replace(fused_ops=False))
-    ours.load_state_dict(state, strict=True)
-    with torch.no_grad():
-        logits = gather_vocab_parallel_logits(ours(llama["ids"]), None, VOCAB)
+    logits = converted_logits(tag, llama["config"], llama["ids"])
     torch.testing.assert_close(logits, llama["logits"], atol=1e-4, rtol=0)
 
 

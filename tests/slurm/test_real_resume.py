@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from tests.slurm.helpers import events, hard_timeout, logs, run_cli
-from tests.training.helpers import ROOT, env, losses, run_train
+from tests.training.helpers import ROOT, env, logged_steps, losses, run_train
 
 pytestmark = pytest.mark.slurm
 
@@ -48,21 +48,10 @@ def _submit(run_dir: Path, ckpt: Path, data: str, *extra: str) -> list[str]:
     return [json.loads(x)["job_id"] for x in (run_dir / "jobs.jsonl").read_text().splitlines()]
 
 
-def _logged_steps(ckpt: Path) -> list[int]:
-    path = ckpt / "metrics.jsonl"
-    steps = []
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            steps.append(json.loads(line)["step"])
-        except json.JSONDecodeError:  # a line being written
-            pass
-    return steps
-
-
 def _signal_when_logged(job_id: str, ckpt: Path, step: int, signal: str | None) -> None:
     """Wait (bounded by the test's hard timeout) until `step` is logged, then scancel the job
     (`signal` None) or send it `signal`."""
-    while max(_logged_steps(ckpt), default=0) < step:
+    while max(logged_steps(ckpt), default=0) < step:
         time.sleep(0.1)
     argv = ["scancel"] + ([f"--signal={signal}"] if signal else []) + [job_id]
     assert subprocess.run(argv, timeout=30).returncode == 0
@@ -166,7 +155,7 @@ def test_scancel_leaves_a_checkpoint_that_loads_and_resumes(tmp_path, jobs, fi_d
     jobs.wait(timeout=120)
     saved = _saved_iteration(ckpt)  # the only save of this run: on SIGTERM, before KillWait
     assert SIGNAL_AT <= saved < ITERS, logs(run_dir)
-    assert saved == max(_logged_steps(ckpt))
+    assert saved == max(logged_steps(ckpt))
     assert f"stopping at step {saved}: signal SIGTERM" in logs(run_dir)
 
     proc = subprocess.run(

@@ -46,3 +46,16 @@ def metrics(ckpt) -> list[dict]:
 
 def losses(ckpt) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in metrics(ckpt)}
+
+
+def logged_steps(ckpt) -> list[int]:
+    """Steps in metrics.jsonl so far, read while the trainer may be writing (a partial last
+    line is skipped; no file yet: none)."""
+    path = Path(ckpt) / "metrics.jsonl"
+    steps = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            steps.append(json.loads(line)["step"])
+        except json.JSONDecodeError:  # a line being written
+            pass
+    return steps

@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from megatron_ext.training.launch import free_port
-from tests.training.helpers import env, losses, metrics, run_train, train_cmd
+from tests.training.helpers import env, logged_steps, losses, run_train, train_cmd
 
 pytestmark = pytest.mark.distributed
 
@@ -109,13 +109,13 @@ def test_torchrun_rank_stopped_by_sigstop_times_out_naming_the_stage(fi_dataset,
     frozen = None
     try:
         deadline = time.monotonic() + 180
-        while not (ckpt / "latest").exists() or len(metrics(ckpt)) < 3:
+        while not (ckpt / "latest").exists() or len(logged_steps(ckpt)) < 3:
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.1)
         frozen = _rank_pid(launcher, 1)
         assert frozen is not None
         os.kill(frozen, signal.SIGSTOP)
-        frozen_at = max(r["step"] for r in metrics(ckpt))
+        frozen_at = max(logged_steps(ckpt))
         out, err = proc.communicate(timeout=180)
     finally:
         if frozen is not None and psutil.pid_exists(frozen):
@@ -126,7 +126,7 @@ def test_torchrun_rank_stopped_by_sigstop_times_out_naming_the_stage(fi_dataset,
     assert proc.returncode != 0, err[-3000:]
     assert "rank 0 (pipeline stage 0/1, tp 0, dp 0) failed in a collective" in err, err[-12000:]
     assert "Timed out" in err, err[-3000:]
-    assert max(r["step"] for r in metrics(ckpt)) <= frozen_at + 1  # nothing ran past the freeze
+    assert max(logged_steps(ckpt)) <= frozen_at + 1  # nothing ran past the freeze
     latest = (ckpt / "latest").read_text()
     assert (ckpt / latest).is_dir() and int(latest.removeprefix("iter_")) <= frozen_at + 1
     assert not psutil.pid_exists(frozen) or psutil.Process(frozen).status() == "zombie"
