@@ -3,8 +3,10 @@
     results = run_distributed_test(fn, world_size, *args)
 
 `fn(rank, world_size, *args)` must be a module-level function (processes are spawned, so it
-is imported by name). Each rank runs with torch.distributed initialised (gloo, a free port,
-one CPU thread); its return value comes back in `results[rank]` (anything torch.save can
+is imported by name). Each rank runs with torch.distributed initialised through the trainer's
+own `megatron_ext.parallel.distributed.init_process_group` (a free port, one CPU thread), with
+the device map "cpu:gloo,cuda:cuda_only_gloo": a backend registered for CUDA tensors only stands
+in for NCCL, so a CPU tensor sent to a group without a CPU backend fails here as on a GPU; its return value comes back in `results[rank]` (anything torch.save can
 pickle). A failing rank fails the test with that rank's traceback; the other ranks are
 stopped instead of hanging in a collective. Every rank ends with barrier + destroy.
 Mark such tests `@pytest.mark.distributed`.
@@ -12,7 +14,6 @@ Mark such tests `@pytest.mark.distributed`.
 
 from __future__ import annotations
 
-import datetime
 import os
 import socket
 import tempfile
@@ -24,11 +25,28 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from megatron_ext.parallel.distributed import init_process_group
+
 
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+CUDA_ONLY_BACKEND = "cuda_only_gloo"
+
+
+def _cuda_only_gloo(store, rank, world_size, timeout):
+    return dist.ProcessGroupGloo(store, rank, world_size, timeout)
+
+
+def register_cuda_only_backend() -> None:
+    """A stand-in for NCCL: gloo registered for the "cuda" device type only (a CPU tensor on a
+    group that has only this backend raises "No backend type associated with device type
+    cpu", NCCL's failure mode)."""
+    if not hasattr(dist.Backend, CUDA_ONLY_BACKEND.upper()):
+        dist.Backend.register_backend(CUDA_ONLY_BACKEND, _cuda_only_gloo, devices=["cuda"])
 
 
 def _worker(rank, world_size, port, out_dir, timeout_s, fn, args) -> None:
@@ -42,11 +60,9 @@ def _worker(rank, world_size, port, out_dir, timeout_s, fn, args) -> None:
     torch.set_num_threads(1)  # the CI machines have 2 cores for all ranks
     out = Path(out_dir) / f"rank{rank}.pt"
     try:
-        dist.init_process_group(
-            "gloo",
-            rank=rank,
-            world_size=world_size,
-            timeout=datetime.timedelta(seconds=timeout_s),
+        register_cuda_only_backend()
+        init_process_group(
+            timeout_s, rank=rank, world_size=world_size, accelerator=CUDA_ONLY_BACKEND
         )
         result = fn(rank, world_size, *args)
         torch.save(("ok", result), out)

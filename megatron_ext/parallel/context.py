@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from megatron_ext.parallel.distributed import current_device
 from megatron_ext.parallel.tensor_parallel.random import RNGStatesTracker
 
 
@@ -54,13 +55,6 @@ def group_ranks(tp_size: int, pp_size: int, dp_size: int) -> dict[str, list[list
     dp = [[grid[p][d][t] for d in range(dp_size)] for p in range(pp_size) for t in range(tp_size)]
     pp = [[grid[p][d][t] for p in range(pp_size)] for d in range(dp_size) for t in range(tp_size)]
     return {"tp": tp, "pp": pp, "dp": dp}
-
-
-def _default_device(backend: str | None) -> torch.device:
-    if backend in (None, "gloo"):
-        return torch.device("cpu")
-    # NCCL/RCCL: the accelerator this process was pinned to (ROCm torch answers as "cuda").
-    return torch.device("cuda", torch.cuda.current_device())
 
 
 @dataclass
@@ -140,7 +134,7 @@ class ParallelContext:
                 group = dist.new_group(ranks)  # every rank creates every group
                 if rank in ranks:
                     mine[kind] = (group, tuple(ranks))
-        dev = torch.device(device) if device is not None else _default_device(dist.get_backend())
+        dev = torch.device(device) if device is not None else current_device()
         return cls(
             tp_size=tp_size,
             pp_size=pp_size,

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import datetime
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +27,7 @@ import torch.distributed as dist
 from megatron_ext.errors import UserError
 from megatron_ext.log import get_logger
 from megatron_ext.models.config import ModelConfig
+from megatron_ext.parallel import distributed
 from megatron_ext.parallel.context import ParallelContext
 from megatron_ext.parallel.drift import register_tp_duplicated_grad_hooks
 from megatron_ext.training.config import RunConfig
@@ -39,24 +39,29 @@ log = get_logger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def init_distributed(timeout_s: float) -> None:
-    """torch.distributed (gloo on CPU, nccl on GPUs) with a collective timeout, then DeepSpeed's
-    comm layer on top of it. Reads RANK/WORLD_SIZE/MASTER_* (see megatron_ext.training.launch)."""
+def init_distributed(timeout_s: float, accelerator: str | None = "auto") -> torch.device:
+    """Bind this rank's GPU, create the default process group with a device map (gloo for
+    CPU tensors, NCCL/RCCL for GPU tensors; see megatron_ext.parallel.distributed) and a
+    collective timeout, then DeepSpeed's comm layer on top of it; returns this rank's device.
+    Reads RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* (see megatron_ext.training.launch)."""
     import deepspeed
 
     # Trap: the first init JIT-compiles a shared-memory comm op (36-73 s on 2 cores).
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(
-            backend,
-            timeout=datetime.timedelta(seconds=timeout_s),
-            rank=int(os.environ.get("RANK", "0")),
-            world_size=int(os.environ.get("WORLD_SIZE", "1")),
-        )
+    if dist.is_initialized():
+        device = distributed.current_device()
+    else:
+        device = distributed.init_process_group(timeout_s, accelerator=accelerator)
+    if device.type == "cuda":
+        # fp32 matmuls (a run or a reference kept in fp32) use TF32 tensor cores, as the
+        # other stacks do; bf16/fp16 matmuls are unaffected.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     deepspeed.init_distributed(
-        dist_backend=dist.get_backend(), timeout=datetime.timedelta(seconds=timeout_s)
+        dist_backend=distributed.accelerator_backend() or "gloo",
+        timeout=datetime.timedelta(seconds=timeout_s),
     )
+    return device
 
 
 def apply_collective_timeout(timeout_s: float) -> int:

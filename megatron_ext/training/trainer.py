@@ -19,6 +19,7 @@ from megatron_ext.errors import UserError
 from megatron_ext.log import get_logger
 from megatron_ext.models.config import resolve_model_config
 from megatron_ext.models.model import count_parameters
+from megatron_ext.parallel.distributed import is_communication_failure
 from megatron_ext.training import checkpointing, universal
 from megatron_ext.training.config import RunConfig
 from megatron_ext.training.data import build_run_datasets, micro_batches
@@ -52,6 +53,7 @@ class TrainState:
 def _stop_reason(stop: StopConditions) -> str | None:
     """All ranks agree: one rank's signal stops everyone after the same step."""
     reason = stop.local_reason()
+    # a CPU tensor: the process group's device map sends it through gloo next to NCCL/RCCL
     flag = torch.tensor([0 if reason is None else 1], dtype=torch.int64)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     if not flag.item():
@@ -106,28 +108,14 @@ def _named(engine: Engine, step: int, phase: str, exc: Exception) -> CollectiveE
     )
 
 
-_COLLECTIVE_FAILURE_MARKS = (
-    "gloo",
-    "nccl",
-    "rccl",
-    "timed out",
-    "connection closed",
-    "reset by peer",
-)
-
-
 @contextmanager
 def _collectives_named(engine: Engine, step: int, phase: str):
-    """Re-raise a distributed failure inside the block (a peer died or hangs) as CollectiveError
-    naming this rank's stage and `phase`; any other error passes unchanged."""
+    """Re-raise a communication failure inside the block (a peer died or hangs) as
+    CollectiveError naming this rank's stage and `phase`; any other error passes unchanged."""
     try:
         yield
     except RuntimeError as exc:
-        text = str(exc).lower()
-        failed = isinstance(exc, dist.DistError) or any(
-            m in text for m in _COLLECTIVE_FAILURE_MARKS
-        )
-        if isinstance(exc, CollectiveError) or not failed:
+        if isinstance(exc, CollectiveError) or not is_communication_failure(exc):
             raise
         raise _named(engine, step, phase, exc) from exc
 
@@ -139,21 +127,19 @@ def _run_step(
     `hold` (fault injection): check the stop conditions every 0.2 s until one fires.
 
     A hung or broken collective (a rank died) raises CollectiveError naming this rank's stage
-    and the collective."""
+    and the collective; any other error (a shape bug, an out-of-memory) keeps its traceback."""
     phase = "the stop-check all-reduce (all ranks agree whether to stop)"
-    try:
+    with _collectives_named(engine, step, phase):
         if hold:
             log.warning("fault injection: holding before step %d until a stop condition", step)
         reason = _stop_reason(stop)
         while hold and reason is None:
             time.sleep(0.2)
             reason = _stop_reason(stop)
-        if reason is not None:
-            return reason, float("nan")
-        phase = "train_batch"
+    if reason is not None:
+        return reason, float("nan")
+    with _collectives_named(engine, step, "train_batch"):
         return None, float(engine.ds.train_batch(batches))
-    except RuntimeError as exc:
-        raise _named(engine, step, phase, exc) from exc
 
 
 def evaluate_loss(
