@@ -16,16 +16,15 @@ replicas' gradients are summed over the TP group in backward.
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from megatron_ext import ops
 from megatron_ext.models.config import ModelConfig
+from megatron_ext.models.core_attention import core_attention, resolve_backend
 from megatron_ext.parallel.context import ParallelContext
 from megatron_ext.parallel.tensor_parallel import (
     ColumnParallelLinear,
@@ -114,9 +113,6 @@ class RotaryEmbedding(nn.Module):
         return self._cache[2][:seq_len], self._cache[3][:seq_len]
 
 
-_no_fork = contextlib.nullcontext
-
-
 class SelfAttention(nn.Module):
     """[s(/tp), b, h] -> [s(/tp), b, h]: fused QKV (column-parallel), core attention on this
     rank's heads, output projection (row-parallel: all-reduce, or reduce-scatter with SP)."""
@@ -189,7 +185,8 @@ class SelfAttention(nn.Module):
     def forward(
         self, hidden: torch.Tensor, padding_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """hidden [s(/tp), b, h]; padding_mask bool [b, 1, 1, s], True = masked key, or None."""
+        """hidden [s(/tp), b, h]; padding_mask bool [b, 1, 1, s], True = masked key, or None.
+        Core attention by `config.attention_backend` (megatron_ext.models.core_attention)."""
         cfg, fused = self.config, self.config.fused_ops
         hn = cfg.head_dim
         qkv = self.linear_qkv(hidden)  # [s, b, nkv_l * (g_l + 2) * hn]
@@ -202,62 +199,19 @@ class SelfAttention(nn.Module):
             q = ops.apply_rotary(q, cos, sin, use_fused=fused)
             k = ops.apply_rotary(k, cos, sin, use_fused=fused)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads, s, hn]
-        if self.g_l > 1:
-            k = k.repeat_interleave(self.g_l, dim=1)
-            v = v.repeat_interleave(self.g_l, dim=1)
-        if self._use_sdpa(q.device):
-            context = self._sdpa(q, k, v, padding_mask)
-            context = context.permute(2, 0, 1, 3).reshape(s, b, self.np_l * hn)
-            return self.linear_proj(context)
-        scores = torch.matmul(q, k.transpose(-1, -2))  # [b, np_l, s, s]
-        probs = ops.scaled_alibi_softmax(
-            scores,
-            1.0 / math.sqrt(hn),
-            self.local_alibi_slopes(scores.device),
-            True,
-            padding_mask,
+        dropout = cfg.attention_dropout if self.training else 0.0
+        context = core_attention(
+            q,
+            k,
+            v,
+            backend=resolve_backend(
+                cfg.attention_backend, q.device, cfg.position_embedding, cfg.attention_dropout
+            ),
+            alibi_slopes=self.local_alibi_slopes(q.device),
+            padding_mask=padding_mask,
+            dropout_p=dropout,
+            dropout_rng=self.ctx.rng.fork,  # heads differ per TP rank: independent masks
             use_fused=fused,
-        )
-        if self.training and cfg.attention_dropout > 0:
-            with self.ctx.rng.fork():  # heads differ per TP rank: independent masks
-                probs = F.dropout(probs, cfg.attention_dropout, training=True)
-        context = torch.matmul(probs, v)  # [b, np_l, s, hn]
+        )  # [b, np_l, s, hn]
         context = context.permute(2, 0, 1, 3).reshape(s, b, self.np_l * hn)
         return self.linear_proj(context)
-
-    def _use_sdpa(self, device: torch.device) -> bool:
-        backend = self.config.attention_backend
-        if (
-            backend == "auto"
-        ):  # ALiBi stays on our fused softmax until a GPU measurement says otherwise
-            return device.type == "cuda" and self.config.position_embedding != "alibi"
-        return backend == "sdpa"
-
-    def _sdpa(self, q, k, v, padding_mask) -> torch.Tensor:
-        """torch's fused attention: q/k/v [b, np_l, s, hn] -> [b, np_l, s, hn].
-
-        Same masking as the softmax path: causal, ALiBi as an additive fp32 bias (slope * key
-        position, BLOOM's convention), padded keys masked."""
-        s = q.shape[2]
-        slopes = self.local_alibi_slopes(q.device)
-        mask = None
-        if slopes is not None or padding_mask is not None:
-            causal = torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
-            allowed = causal if padding_mask is None else causal & ~padding_mask
-            mask = torch.zeros(allowed.shape, dtype=torch.float32, device=q.device)
-            mask = mask.masked_fill(~allowed, float("-inf"))
-            if slopes is not None:
-                positions = torch.arange(s, dtype=torch.float32, device=q.device)
-                mask = mask + slopes[:, None, None] * positions
-            mask = mask.to(q.dtype)
-        p = self.config.attention_dropout if self.training else 0.0
-        with self.ctx.rng.fork() if p > 0 else _no_fork():
-            return F.scaled_dot_product_attention(
-                q,
-                k,
-                v,
-                attn_mask=mask,
-                dropout_p=p,
-                is_causal=mask is None,
-                scale=1.0 / math.sqrt(self.config.head_dim),
-            )

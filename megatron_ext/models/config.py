@@ -43,9 +43,10 @@ class ModelConfig:
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
     fused_ops: bool = True  # megatron_ext.ops fused kernels; False: their PyTorch references
-    # core attention: "softmax" (our fused scaled softmax), "sdpa" (torch's fused attention;
-    # ALiBi passed as a float bias), "auto": sdpa for RoPE/learned positions on a GPU, else softmax
-    attention_backend: Literal["auto", "softmax", "sdpa"] = "auto"
+    # core attention (megatron_ext.models.core_attention): "softmax" (ours, scores materialised),
+    # "sdpa" (torch's fused attention, ALiBi as a bias), "flex" (FlexAttention, ALiBi as a score
+    # modification), "auto": flex for ALiBi / sdpa otherwise on NVIDIA GPUs, softmax on CPU
+    attention_backend: Literal["auto", "softmax", "sdpa", "flex"] = "auto"
 
     def __post_init__(self) -> None:
         if self.num_kv_heads is None:
@@ -82,6 +83,11 @@ class ModelConfig:
         for name in ("hidden_dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise bad(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.attention_backend == "flex" and self.attention_dropout > 0:
+            raise bad(
+                "attention_backend flex has no attention dropout; set attention_dropout=0 or "
+                "choose attention_backend softmax or sdpa (auto avoids flex with dropout)"
+            )
 
     @property
     def head_dim(self) -> int:
