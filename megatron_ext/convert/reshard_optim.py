@@ -35,7 +35,8 @@ def _check_layout(ckpt, tp_size: int, pp_size: int) -> None:
             "splits a kv group's fused QKV rows, which the universal checkpoint cannot re-slice; "
             "choose a TP size dividing the kv heads (or reshard weights only)"
         )
-    if not any(ckpt.tag_dir.glob("zero_pp_rank_*_optim_states.pt")):
+    # bf16 runs write bf16_zero_pp_rank_* (DeepSpeed's prefix whenever bf16 is on)
+    if not any(ckpt.tag_dir.glob("*zero_pp_rank_*_optim_states.pt")):
         raise UserError(
             f"{ckpt.tag_dir} has no optimizer state (zero_pp_rank_*_optim_states.pt); "
             "reshard it without --with-optimizer"

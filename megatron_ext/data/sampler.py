@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from megatron_ext.errors import UserError
 
@@ -97,5 +98,9 @@ def build_dataloader(
         num_workers=num_workers,
         collate_fn=collate_samples,
         pin_memory=pin_memory,
+        # its own generator: starting an iterator draws a seed, and from the default generator
+        # that draw would shift every dropout mask after a resume (the checkpoint restores the
+        # default generator before the loader first runs)
+        generator=torch.Generator().manual_seed(0),
         **extra,
     )

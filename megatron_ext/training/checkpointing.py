@@ -2,7 +2,7 @@
 
 Layout of `<checkpoint.dir>`:
     iter_0000100/          DeepSpeed's per-layer model files, ZeRO-1 optimizer shards,
-                           rng_rank{r}.pt (per rank), config.yaml (the resolved run config),
+                           rng_rank{r}.pt (per rank: python, numpy, torch, CUDA and TP-tracker states), config.yaml (the resolved run config),
                            manifest.json (file names + sizes; written last)
     latest                 the tag of the newest complete checkpoint
 Saving writes under `iter_XXXXXXX.tmp`, then rank 0 renames it and replaces `latest` (temp file
@@ -37,8 +37,9 @@ def tag_of(iteration: int) -> str:
     return f"iter_{iteration:07d}"
 
 
-def _rng_state() -> dict:
+def _rng_state(engine) -> dict:
     return {
+        "tracker": engine.ctx.rng.get_states(),  # TP-split dropout masks
         "python": random.getstate(),
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
@@ -46,7 +47,8 @@ def _rng_state() -> dict:
     }
 
 
-def _set_rng_state(state: dict) -> None:
+def _set_rng_state(engine, state: dict) -> None:
+    engine.ctx.rng.set_states(state.get("tracker", {}))  # saved before dropout was seeded: none
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -108,7 +110,7 @@ def save(engine, root: str, iteration: int, client_state: dict, run_config, keep
     engine.ds.save_checkpoint(
         str(root_p), tag=tmp_tag, client_state=client_state, save_latest=False
     )
-    torch.save(_rng_state(), root_p / tmp_tag / f"rng_rank{rank}.pt")
+    torch.save(_rng_state(engine), root_p / tmp_tag / f"rng_rank{rank}.pt")
     dist.barrier()
     if rank == 0:
         dump_yaml(run_config, root_p / tmp_tag / "config.yaml")
@@ -175,7 +177,7 @@ def load(
             continue
         rng = root_p / tag / f"rng_rank{dist.get_rank()}.pt"
         if not weights_only and not universal_tag and rng.is_file():
-            _set_rng_state(torch.load(rng, weights_only=False))
+            _set_rng_state(engine, torch.load(rng, weights_only=False))
         log.info("loaded checkpoint %s%s", root_p / tag, " (weights only)" if weights_only else "")
         return tag, client_state or {}
     return None

@@ -46,6 +46,9 @@ class TrainConfig:
     micro_batch_size: int = 1
     global_batch_size: int = 8
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # bf16: the dtype gradients accumulate in across micro-batches (BLOOM: fp32, DeepSpeed's
+    # BF16_Optimizer); "bf16" saves memory but rounds every micro-batch's sum
+    grad_accum_dtype: Literal["fp32", "bf16"] = "fp32"
     activation_checkpointing: Literal["none", "full", "every"] = "none"
     checkpoint_every_layers: int = 1  # with "every": recompute every k-th block
     seed: int = 1234
@@ -95,7 +98,9 @@ class LoggingConfig:
     eval_interval: int = 0  # 0: no validation during training
     eval_iters: int = 4
     tensorboard: bool = True
-    peak_tflops: float | None = None  # per device, for the MFU estimate (None: no MFU)
+    # dense bf16 peak per device for MFU; None: by GPU name (A100 312, H100/H200 989, MI250X
+    # GCD 191.5; training/flops.py), no MFU on CPU
+    peak_tflops: float | None = None
 
 
 @dataclass

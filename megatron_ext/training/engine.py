@@ -4,7 +4,8 @@ Every DeepSpeed trap measured in ../shared/notes/deepspeed-cpu.md is handled her
 regression test in tests/training/test_engine.py:
 - the shared-memory comm op JIT-compiles for 36-73 s at the first init: disabled before init;
 - optimizer "Adam" picks FusedAdam (JIT, ~100 s): we pass our own torch.optim.AdamW;
-- bf16 with ZeRO-0 in the pipeline engine cannot reload its checkpoint: always ZeRO stage 1;
+- bf16 with ZeRO-0 in the pipeline engine cannot reload its checkpoint: always ZeRO stage 1
+  (also with fp32 gradient accumulation, the bf16 default, which runs DeepSpeed's BF16_Optimizer);
 - ZeRO-2/3 are refused with the pipeline engine: stage 1 only;
 - the pipeline's activation partitioning over TP breaks sequence parallelism: off with SP
   (regression test: test_layouts.py, sequence parallelism at pp=2 tp=2);
@@ -32,6 +33,7 @@ from megatron_ext.models.config import ModelConfig
 from megatron_ext.parallel import distributed
 from megatron_ext.parallel.context import ParallelContext
 from megatron_ext.parallel.drift import register_tp_duplicated_grad_hooks
+from megatron_ext.parallel.tensor_parallel.random import RNGStatesTracker
 from megatron_ext.training.config import RunConfig
 from megatron_ext.training.pipeline import LMLoss, layer_specs, partition_method
 from megatron_ext.training.schedule import learning_rate
@@ -113,6 +115,11 @@ def deepspeed_config(cfg: RunConfig, dp_size: int, load_universal: bool = False)
         ds["checkpoint"] = {"load_universal": True}
     if train.precision == "bf16":
         ds["bf16"] = {"enabled": True}
+        # fp32 accumulation across micro-batches: with ZeRO stage 1 DeepSpeed then runs its
+        # BF16_Optimizer (fp32 gradient buffers). Its reload trap (KeyError: 0) is a ZeRO-0
+        # one: at stage 1 the optimizer saves per-rank bf16_zero_pp_rank_* files and reloads
+        # exactly (tests/training/test_precision.py at pp=2 and tp=2).
+        ds["data_types"] = {"grad_accum_dtype": train.grad_accum_dtype}
     elif train.precision == "fp16":
         ds["fp16"] = {
             "enabled": True,
@@ -125,8 +132,11 @@ def deepspeed_config(cfg: RunConfig, dp_size: int, load_universal: bool = False)
     return ds
 
 
-def build_optimizer(module: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
-    """torch AdamW (never FusedAdam); no weight decay on biases and norms (ndim < 2)."""
+def build_optimizer(
+    module: torch.nn.Module, cfg: RunConfig, device: torch.device | None = None
+) -> torch.optim.Optimizer:
+    """torch AdamW (never DeepSpeed's JIT-built FusedAdam), torch's fused kernel on CUDA/ROCm
+    (`device`); no weight decay on biases and norms (ndim < 2)."""
     decay, no_decay = [], []
     for p in module.parameters():
         if p.requires_grad:
@@ -137,16 +147,42 @@ def build_optimizer(module: torch.nn.Module, cfg: RunConfig) -> torch.optim.Opti
         {"params": no_decay, "weight_decay": 0.0},
     ]
     groups = [g for g in groups if g["params"]]
-    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+    fused = device is not None and device.type == "cuda"
+    return torch.optim.AdamW(
+        groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused or None
+    )
 
 
 def _lr_factor(step: int, cfg: RunConfig) -> float:
     return learning_rate(step, cfg.optim, cfg.train.iterations) / cfg.optim.lr
 
 
-def _checkpoint_fn(function, *args):
-    # Trap: the reentrant checkpoint fails on the pipeline's embedding layer.
-    return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False)
+def recompute_with_tracker(tracker: RNGStatesTracker):
+    """DeepSpeed's activation_checkpoint_func: non-reentrant torch checkpointing (trap: the
+    reentrant one fails on the pipeline's embedding layer) whose recomputation in backward
+    replays the TP tracker's dropout masks of the forward.
+
+    torch's checkpoint restores the default generator for the recomputation, not our tracker's
+    states: without this the recomputed TP-split dropout (attention probabilities, SP shards)
+    would draw new masks and the gradients would not belong to the forward's loss."""
+
+    def checkpoint_replaying_tracker(function, *args):
+        start, calls = tracker.get_states(), [0]
+
+        def run(*inputs):
+            calls[0] += 1
+            if calls[0] == 1:
+                return function(*inputs)
+            now = tracker.get_states()  # later micro-batches moved the tracker on since
+            tracker.set_states(start)
+            try:
+                return function(*inputs)
+            finally:
+                tracker.set_states(now)
+
+        return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
+
+    return checkpoint_replaying_tracker
 
 
 def _mark_tensor_parallel(module: torch.nn.Module) -> None:
@@ -200,6 +236,9 @@ def build_engine(cfg: RunConfig, model_config: ModelConfig, load_universal: bool
     dp = cfg.data_parallel_size(world)
     model_config.check_tp(tp)
     ctx = ParallelContext.from_sizes(tp, pp, dp, sequence_parallel=cfg.parallel.sequence_parallel)
+    # dropout: the default generator alike on TP ranks, the TP tracker different per TP rank
+    # (attention heads, SP shards); a checkpoint saves both (training/checkpointing.py)
+    ctx.seed(cfg.train.seed)
     topology = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp)
     loss_fn = LMLoss(ctx, model_config.vocab_size)
     ckpt = cfg.train.activation_checkpointing
@@ -210,7 +249,7 @@ def build_engine(cfg: RunConfig, model_config: ModelConfig, load_universal: bool
         loss_fn=loss_fn,
         partition_method=partition_method(cfg.parallel.partition_method),
         activation_checkpoint_interval=interval,
-        activation_checkpoint_func=_checkpoint_fn,
+        activation_checkpoint_func=recompute_with_tracker(ctx.rng),
         checkpointable_layers=["PipeBlock"],
     )
     dtype = DTYPES[cfg.train.precision]
@@ -218,7 +257,13 @@ def build_engine(cfg: RunConfig, model_config: ModelConfig, load_universal: bool
         module.to(dtype)  # DeepSpeed keeps fp32 master weights in its ZeRO-1 optimizer
     _mark_tensor_parallel(module)
     register_tp_duplicated_grad_hooks(module, ctx)
-    optimizer = build_optimizer(module, cfg)
+    device = distributed.current_device()
+    if device.type == "cuda" and dtype == torch.float32:
+        log.warning(
+            "training in fp32 on a GPU (train.precision=fp32): about 2-8x slower than bf16 and "
+            "twice the activation memory; set train.precision=bf16 unless this is a reference run"
+        )
+    optimizer = build_optimizer(module, cfg, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(_lr_factor, cfg=cfg))
     ds, _, _, _ = deepspeed.initialize(
         model=module,

@@ -80,7 +80,7 @@ def test_deepspeed_traps_are_handled(tmp_path):
         assert r["optimizer"] == "AdamW"  # torch's, never FusedAdam (JIT ~100 s)
         assert r["zero_stage"] == 1  # bf16 + ZeRO-0 cannot reload; ZeRO-2/3 refuse pipelines
         assert r["seed_layers"] is False  # seed_layers passes numpy ints to random.seed
-        assert r["ckpt_func"] == "_checkpoint_fn"  # non-reentrant: the embedding works
+        assert r["ckpt_func"] == "checkpoint_replaying_tracker"  # non-reentrant: embedding works
         assert r["first_use_forward_fn"] is None  # else the tied weight is never saved
         assert all(torch.isfinite(torch.tensor(r["losses"])))
     assert r0["losses"] == r1["losses"]

@@ -8,10 +8,13 @@ from tests.training.helpers import losses, metrics, run_train
 
 
 @pytest.mark.distributed
-def test_bf16_pipeline_resume_is_exact(fi_dataset, tmp_path):
+@pytest.mark.parametrize("layout", ["parallel.pp=2", "parallel.tp=2"])
+def test_bf16_pipeline_resume_is_exact(layout, fi_dataset, tmp_path):
+    """bf16 accumulates gradients in fp32 (DeepSpeed's BF16_Optimizer at ZeRO-1, the bf16
+    default): its optimizer files reload exactly, across pipeline stages and TP ranks."""
     args = (
         "train.precision=bf16",
-        "parallel.pp=2",
+        layout,
         "train.iterations=6",
         "checkpoint.interval=3",
         "checkpoint.keep=5",
@@ -27,6 +30,7 @@ def test_bf16_pipeline_resume_is_exact(fi_dataset, tmp_path):
     proc = run_train("bloom", fi_dataset, ckpt, *args, nproc=2)
     assert "loaded checkpoint" in proc.stderr
     assert losses(ckpt) == ref
+    assert list(ckpt.glob("iter_0000006/bf16_zero_pp_rank_0_mp_rank_0*_optim_states.pt"))
 
 
 def test_fp16_on_cpu_is_a_clear_error(fi_dataset, tmp_path):
