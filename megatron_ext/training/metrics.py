@@ -2,8 +2,10 @@
 loss-curve PNG made from the JSONL file.
 
 One JSON object per logged step: step, loss, lr, grad_norm, loss_scale, tokens_per_s,
-tflops_per_device, mfu (when `logging.peak_tflops` is set), peak_memory_gb, consumed_samples,
-skipped (non-finite loss); validation rows carry `val_loss` and `val_ppl`. On Linux also
+tflops_per_device (model FLOPs), hw_tflops_per_device (counting recomputation, Megatron's
+convention), mfu and hfu (against the device's bf16 peak; None on CPU unless
+`logging.peak_tflops` is set; formulas in megatron_ext.training.flops), peak_memory_gb,
+consumed_samples, skipped (non-finite loss); validation rows carry `val_loss` and `val_ppl`. On Linux also
 peak_rss_mb (rank 0's peak resident set since just before the model was built, MiB) and
 baseline_rss_mb (its resident set at that moment: torch, DeepSpeed, the process group), which the
 planner's memory validation compares with its estimate.
@@ -19,14 +21,8 @@ from pathlib import Path
 import torch
 
 from megatron_ext.log import get_logger
-from megatron_ext.models.config import ModelConfig
 
 log = get_logger(__name__)
-
-
-def flops_per_token(model: ModelConfig, seq_length: int, num_parameters: int) -> float:
-    """Training FLOPs per token: 6 N for the weights + 12 L h s for attention (fwd + bwd)."""
-    return 6.0 * num_parameters + 12.0 * model.num_layers * model.hidden_size * seq_length
 
 
 def peak_memory_gb() -> float:
@@ -93,7 +89,8 @@ class MetricsWriter:
                 if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
                     self.tb.add_scalar(f"train/{key}", value, row["step"])
         parts = [f"step {row['step']}"]
-        for key in ("loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "tflops_per_device"):
+        keys = ("loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "tflops_per_device", "mfu")
+        for key in keys:
             if row.get(key) is not None:
                 parts.append(f"{key} {row[key]:.4g}")
         log.info(" | ".join(parts))

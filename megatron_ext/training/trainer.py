@@ -18,16 +18,14 @@ import torch.distributed as dist
 from megatron_ext.errors import UserError
 from megatron_ext.log import get_logger
 from megatron_ext.models.config import resolve_model_config
-from megatron_ext.models.model import count_parameters
 from megatron_ext.parallel.distributed import is_communication_failure
-from megatron_ext.training import checkpointing, universal
+from megatron_ext.training import checkpointing, flops, universal
 from megatron_ext.training.config import RunConfig
 from megatron_ext.training.data import build_run_datasets, micro_batches
 from megatron_ext.training.engine import Engine, build_engine
 from megatron_ext.training.in_loop_eval import InLoopEval
 from megatron_ext.training.metrics import (
     MetricsWriter,
-    flops_per_token,
     peak_memory_gb,
     peak_rss_mb,
     start_rss_tracking,
@@ -252,8 +250,12 @@ def train(cfg: RunConfig) -> dict:
     )
     stop = StopConditions(cfg.train.exit_duration_in_mins, cfg.train.kill_switch_file)
     stop.install()
-    num_params = count_parameters(model_config)["num_parameters"]
-    flops_token = flops_per_token(model_config, cfg.data.seq_length, num_params)
+    seq, recompute = cfg.data.seq_length, cfg.train.activation_checkpointing
+    flops_token = (
+        flops.model_flops_per_token(model_config, seq),
+        flops.hardware_flops_per_token(model_config, seq, recompute),
+    )
+    peak = flops.peak_tflops(c.device, cfg.logging.peak_tflops)
     inject = set(cfg.train.inject_nonfinite_steps or [])
     hang_step = cfg.train.inject_hang_step
     hang = (
@@ -288,7 +290,6 @@ def train(cfg: RunConfig) -> dict:
             state.consumed_samples += gbs
             finite = math.isfinite(loss)
             state.nonfinite_in_a_row = 0 if finite else state.nonfinite_in_a_row + 1
-            tflops = flops_token * tokens_per_step / elapsed / c.world_size / 1e12
             row = {
                 "step": step,
                 "loss": loss if finite else None,
@@ -297,8 +298,7 @@ def train(cfg: RunConfig) -> dict:
                 "grad_norm": engine.grad_norm() if finite else None,
                 "loss_scale": engine.loss_scale(),
                 "tokens_per_s": tokens_per_step / elapsed,
-                "tflops_per_device": tflops,
-                "mfu": tflops / cfg.logging.peak_tflops if cfg.logging.peak_tflops else None,
+                **flops.throughput(flops_token, tokens_per_step, elapsed, c.world_size, peak),
                 "peak_memory_gb": peak_memory_gb(),
                 "peak_rss_mb": peak_rss_mb(),
                 "baseline_rss_mb": baseline_rss_mb,

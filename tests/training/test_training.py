@@ -25,6 +25,7 @@ def test_tiny_bloom_loss_falls_on_finnish_data(fi_dataset, tmp_path):
         "checkpoint.keep=2",
         "logging.tensorboard=true",
         "logging.eval_interval=30",
+        "logging.peak_tflops=0.5",
     )
     rows = metrics(ckpt)
     loss = losses(ckpt)
@@ -44,6 +45,9 @@ def test_tiny_bloom_loss_falls_on_finnish_data(fi_dataset, tmp_path):
     ):
         assert rows[-1][key] is not None and rows[-1][key] > 0, key
     assert rows[-1]["consumed_samples"] == 60 * 8
+    # no recomputation: hardware FLOPs = model FLOPs; MFU against the given peak
+    assert rows[-1]["hw_tflops_per_device"] == rows[-1]["tflops_per_device"]
+    assert rows[-1]["mfu"] == pytest.approx(rows[-1]["tflops_per_device"] / 0.5)
     assert list((ckpt / "tensorboard").glob("events.out.tfevents.*"))
     # keep the last 2; latest names the newest; each holds the resolved config + manifest
     assert sorted(p.name for p in ckpt.glob("iter_*")) == ["iter_0000040", "iter_0000060"]
