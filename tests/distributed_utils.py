@@ -49,7 +49,7 @@ def register_cuda_only_backend() -> None:
         dist.Backend.register_backend(CUDA_ONLY_BACKEND, _cuda_only_gloo, devices=["cuda"])
 
 
-def _worker(rank, world_size, port, out_dir, timeout_s, fn, args) -> None:
+def _worker(rank, world_size, port, out_dir, timeout_s, accelerator, fn, args) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -61,9 +61,7 @@ def _worker(rank, world_size, port, out_dir, timeout_s, fn, args) -> None:
     out = Path(out_dir) / f"rank{rank}.pt"
     try:
         register_cuda_only_backend()
-        init_process_group(
-            timeout_s, rank=rank, world_size=world_size, accelerator=CUDA_ONLY_BACKEND
-        )
+        init_process_group(timeout_s, rank=rank, world_size=world_size, accelerator=accelerator)
         result = fn(rank, world_size, *args)
         torch.save(("ok", result), out)
         dist.barrier()
@@ -73,15 +71,18 @@ def _worker(rank, world_size, port, out_dir, timeout_s, fn, args) -> None:
         os._exit(1)  # skip atexit handlers that could wait on dead peers
 
 
-def run_distributed_test(fn, world_size: int, *args, timeout_s: float = 120.0) -> list:
-    """Run fn(rank, world_size, *args) on `world_size` gloo ranks; per-rank results."""
+def run_distributed_test(
+    fn, world_size: int, *args, timeout_s: float = 120.0, accelerator: str = CUDA_ONLY_BACKEND
+) -> list:
+    """Run fn(rank, world_size, *args) on `world_size` ranks; per-rank results.
+    accelerator: the backend for CUDA tensors ("auto": NCCL/RCCL, for `gpu` tests)."""
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="dist-test-") as out_dir:
         port = _free_port()
         procs = [
             ctx.Process(
                 target=_worker,
-                args=(rank, world_size, port, out_dir, timeout_s, fn, args),
+                args=(rank, world_size, port, out_dir, timeout_s, accelerator, fn, args),
                 daemon=True,
             )
             for rank in range(world_size)

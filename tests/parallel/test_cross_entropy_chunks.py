@@ -157,3 +157,25 @@ def _tp_chunk_worker(rank, world_size):
 @pytest.mark.distributed
 def test_chunked_cross_entropy_at_tp2():
     assert all(run_distributed_test(_tp_chunk_worker, 2))
+
+
+@pytest.mark.gpu
+def test_fingpt_vocabulary_on_gpu_keeps_fp32_to_one_chunk():
+    """V = 131,072 bf16 logits of 4096 tokens (1 GiB; an fp32 copy would be 2 GiB more): the
+    peak during forward + backward stays below logits + gradient + 2 chunks + slack."""
+    import torch.nn.functional as F
+
+    from megatron_ext.parallel.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
+
+    g = torch.Generator("cuda").manual_seed(0)
+    logits = torch.randn(4096, 131072, device="cuda", generator=g).bfloat16().requires_grad_()
+    target = torch.randint(0, 131072, (4096,), device="cuda", generator=g)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    loss = vocab_parallel_cross_entropy(logits, target, chunk_numel=1 << 24)
+    loss.mean().backward()
+    peak = torch.cuda.max_memory_allocated() - base
+    assert peak < logits.numel() * 2 + 2 * (1 << 24) * 4 + (64 << 20), peak / 2**30
+    ref = F.cross_entropy(logits.detach().float(), target, reduction="none")
+    torch.testing.assert_close(loss, ref, atol=1e-4, rtol=1e-5)

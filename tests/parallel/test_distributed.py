@@ -143,3 +143,32 @@ def test_only_communication_failures_in_a_step_become_peer_errors():
     kind, text, chained = out["peer"]
     assert kind == "collective" and chained
     assert "step 7: rank 0 (pipeline stage 0/1" in text and "A peer rank died" in text
+
+
+def _gpu_agreements(rank, world_size):
+    """On a GPU the default group is cpu:gloo,cuda:nccl: the CPU agreements and a CUDA TP
+    all-reduce both run, each on its own backend, on the GPU bound to LOCAL_RANK."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    assert device == torch.device("cuda", rank)  # bound to LOCAL_RANK before the group
+    out = _agreements_without_stand_in(rank, world_size)
+    t = torch.ones(4, device=device)
+    dist.all_reduce(t)
+    return out, t.cpu(), dist.get_backend()
+
+
+def _agreements_without_stand_in(rank, world_size):
+    from megatron_ext.training import checkpointing
+    from megatron_ext.training.stopping import StopConditions
+    from megatron_ext.training.trainer import _stop_reason
+
+    return _stop_reason(StopConditions(None, None)), checkpointing._agree(True)
+
+
+@pytest.mark.gpu
+def test_agreements_and_tp_collectives_on_nccl():
+    world = min(torch.cuda.device_count(), 2)
+    results = run_distributed_test(_gpu_agreements, world, accelerator="auto")
+    for (no_stop, agreed), t, backend in results:
+        assert no_stop is None and agreed is True
+        assert torch.equal(t, torch.full((4,), float(world)))
+        assert backend == "cpu:gloo,cuda:nccl"

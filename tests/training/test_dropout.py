@@ -72,3 +72,24 @@ def test_tp_ranks_draw_their_own_masks_for_split_tensors(tmp_path):
     (split0, rep0), (split1, rep1) = run_distributed_test(_masks, 2, str(tmp_path))
     assert not torch.equal(split0, split1)
     assert torch.equal(rep0, rep1)
+
+
+@pytest.mark.gpu
+def test_tracker_forks_the_bound_gpu_generator():
+    """On a GPU the tracker's states are CUDA generator states of this rank's device."""
+    import torch.nn.functional as F
+
+    from megatron_ext.parallel.context import ParallelContext
+
+    ctx = ParallelContext.single(torch.device("cuda", torch.cuda.current_device()))
+    ctx.seed(1234)
+    ones = torch.ones(4096, device=ctx.device)
+    with ctx.rng.fork():
+        first = F.dropout(ones, 0.5)
+    state = ctx.rng.get_states()
+    with ctx.rng.fork():
+        second = F.dropout(ones, 0.5)
+    ctx.rng.set_states(state)
+    with ctx.rng.fork():
+        again = F.dropout(ones, 0.5)
+    assert not torch.equal(first, second) and torch.equal(second, again)

@@ -126,3 +126,15 @@ def test_a_collective_failure_in_a_save_is_named_and_other_errors_pass():
             with _collectives_named(engine, 4, phase):
                 raise other
         assert info.value is other  # not disguised as a peer's failure
+
+
+def test_adamw_is_fused_on_gpus_only():
+    import torch
+
+    from megatron_ext.config import from_dict
+    from megatron_ext.training.config import RunConfig
+
+    cfg = from_dict(RunConfig, {"data": {"path": "x"}})
+    model = torch.nn.Linear(4, 4)
+    assert build_optimizer(model, cfg, torch.device("cuda", 0)).defaults["fused"] is True
+    assert not build_optimizer(model, cfg, torch.device("cpu")).defaults["fused"]
