@@ -140,12 +140,14 @@ def test_seeded_init_is_the_same_at_any_tp():
     )
 
 
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
 @pytest.mark.parametrize("name", list(CASES))
-def test_sdpa_backend_matches_transformers(cases, name):
-    """torch's fused attention (ALiBi as a float bias for BLOOM) gives the reference logits too,
-    with and without padded keys."""
+def test_fused_attention_backends_match_transformers(cases, name, backend):
+    """torch's fused attention (ALiBi as a float bias for BLOOM) and FlexAttention (ALiBi as a
+    score modification, padding as a block mask) give the reference logits too, with and
+    without padded keys (flex: forward only on CPU)."""
     case = cases[0][name]
-    config = ModelConfig(**case["config"]).replace(attention_backend="sdpa")
+    config = ModelConfig(**case["config"]).replace(attention_backend=backend)
     family = get_family(config.family)
     model = build_model(config).eval()
     model.load_state_dict(hf_to_ours(case["hf_state"], family, config), strict=True)
