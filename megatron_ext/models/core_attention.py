@@ -109,7 +109,7 @@ def relative_alibi_bias(slopes: torch.Tensor, s: int) -> torch.Tensor:
 
 
 def _sdpa_attention(q, k, v, slopes, padding_mask, dropout_p, dropout_rng):
-    s, mask = q.shape[2], None
+    s, hn, mask = q.shape[2], q.shape[-1], None
     if slopes is not None or padding_mask is not None:
         allowed = torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
         if padding_mask is not None:
@@ -117,20 +117,25 @@ def _sdpa_attention(q, k, v, slopes, padding_mask, dropout_p, dropout_rng):
         mask = torch.zeros(allowed.shape, dtype=torch.float32, device=q.device)
         if slopes is not None:
             mask = mask + relative_alibi_bias(slopes.to(q.device), s)
-        # the kernels take the bias in q's dtype: rounding a relative bias costs no more than
-        # rounding the scores themselves
+        # 4-D (cuDNN takes 2-D or 4-D masks only), in q's dtype (the kernels' bias dtype:
+        # rounding a relative bias costs no more than rounding the scores themselves)
         mask = mask.masked_fill(~allowed, float("-inf")).to(q.dtype)
+        mask = mask.view(-1, *mask.shape[-3:]) if mask.dim() >= 3 else mask[None, None]
+    gqa = q.shape[1] != k.shape[1]
+    if gqa and mask is not None and torch.version.hip:
+        # ROCm's memory-efficient kernel has no GQA: repeat kv rather than fall to the math path
+        g = q.shape[1] // k.shape[1]
+        k, v, gqa = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1), False
+    q = q * (1.0 / math.sqrt(hn))  # scale first (fp16 range); the kernels then use scale 1
+    pad = -hn % 8 if q.is_cuda else 0  # the memory-efficient kernel needs hn % 8 == 0 in bf16
+    if pad:
+        q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))  # zeros: same scores, cut columns
     with _fork(dropout_rng) if dropout_p > 0 else contextlib.nullcontext():
-        return F.scaled_dot_product_attention(
-            q * (1.0 / math.sqrt(q.shape[-1])),
-            k,
-            v,
-            attn_mask=mask,
-            dropout_p=dropout_p,
-            is_causal=mask is None,
-            scale=1.0,
-            enable_gqa=q.shape[1] != k.shape[1],
-        )
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=mask is None, scale=1.0,
+            enable_gqa=gqa,
+        )  # fmt: skip
+    return out[..., :hn] if pad else out
 
 
 def flex_head_dim(hn: int) -> int:
@@ -144,6 +149,14 @@ def _flex_fn(device_type: str):
 
     if device_type == "cpu":
         return _eager_quietly(flex)  # forward only on CPU; compiling takes minutes there
+    # one compile per (batch, length, masks, grad mode) seen: training, evaluation and padded
+    # batches add up past dynamo's default limit of 8, after which flex would run eagerly
+    # (scores materialised)
+    import torch._dynamo.config as dynamo_config
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo_config, name):
+            setattr(dynamo_config, name, max(getattr(dynamo_config, name), 64))
     return torch.compile(flex, dynamic=False)
 
 

@@ -14,8 +14,17 @@ their process groups through `init_process_group` below with a CUDA-only stand-i
 group without a CPU backend fails in CI exactly as it would on a GPU.
 
 Device. `bind_device` pins this process to GPU LOCAL_RANK (`torch.cuda.set_device`) before
-anything touches CUDA, and the group is created with `device_id` (eager NCCL init on that GPU);
-without it every rank's tensors and the tensor-parallel RNG tracker land on cuda:0.
+anything touches CUDA; without it every rank's tensors and the tensor-parallel RNG tracker land
+on cuda:0. We do not pass `device_id` to `init_process_group`: it makes every later `new_group`
+(DeepSpeed makes one per grid row and column) an eager, world-wide NCCL communicator split, and
+DeepSpeed itself leaves it out at world size 1 after CUDA errors there (deepspeed/comm/torch.py).
+On GPU runs the gloo half connects lazily (TORCH_GLOO_LAZY_INIT), so hundreds of groups do not
+each open a full gloo mesh at start-up for the few CPU tensors the trainer agrees on.
+
+On NCCL a collective that outlives `train.collective_timeout_s` is aborted by torch's watchdog,
+which ends the process (SIGABRT, "Watchdog caught collective operation timeout" in the log)
+rather than raising; the launcher (srun --kill-on-bad-exit, torchrun) then ends the job and the
+last complete checkpoint stays `latest`. On gloo the timeout raises and is named (exit code 4).
 """
 
 from __future__ import annotations
@@ -81,12 +90,13 @@ def init_process_group(
     accelerator: "auto" picks NCCL/RCCL when there is a GPU; tests pass a stand-in."""
     accel = accelerator_backend() if accelerator == "auto" else accelerator
     device = bind_device()
+    if device.type == "cuda":
+        os.environ.setdefault("TORCH_GLOO_LAZY_INIT", "1")
     dist.init_process_group(
         backend_spec(accel),
         timeout=datetime.timedelta(seconds=timeout_s),
         rank=int(os.environ.get("RANK", "0")) if rank is None else rank,
         world_size=int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size,
-        device_id=device if device.type == "cuda" else None,
     )
     return device
 

@@ -65,7 +65,8 @@ class RNGStatesTracker:
         if self.device.type in ("cpu", "meta"):
             torch.default_generator.manual_seed(seed)  # CPU only; torch.manual_seed seeds GPUs too
         else:
-            _device_module(self.device).manual_seed(seed)
+            with _device_module(self.device).device(self.device):  # seeds the *current* device
+                _device_module(self.device).manual_seed(seed)
         self._states[name] = get_rng_state(self.device)
         set_rng_state(self.device, saved)
 
