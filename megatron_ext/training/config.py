@@ -14,6 +14,7 @@ The resolved config is saved with every checkpoint (`config.yaml`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -85,7 +86,7 @@ class OptimConfig:
 class CheckpointConfig:
     dir: str = "checkpoints"
     interval: int = 100
-    keep: int = 2  # keep the last K checkpoints
+    keep: int = 2  # keep the last K checkpoints (0: keep every checkpoint)
     load: str | None = None  # start from this checkpoint dir (default: resume from `dir`)
     reset_progress: bool = (
         False  # continued pretraining: weights only, new iteration/optim/schedule
@@ -174,6 +175,12 @@ class RunConfig:
             raise UserError("train.iterations must be >= 0 and train.micro_batch_size >= 1")
         if self.checkpoint.interval < 1:
             raise UserError("checkpoint.interval must be at least 1")
+        self._validate_numbers()
+        if self.checkpoint.reset_progress and not self.checkpoint.load:
+            raise UserError(
+                "checkpoint.reset_progress (--reset-progress) needs checkpoint.load: the "
+                "checkpoint whose weights the continued pretraining starts from"
+            )
         ev = self.eval
         if ev.every_checkpoints < 0:
             raise UserError("eval.every_checkpoints must be >= 0 (0: no in-loop evaluation)")
@@ -184,6 +191,36 @@ class RunConfig:
             )
         if ev.every_checkpoints and not Path(ev.tokenizer).is_dir():
             raise UserError(f"eval.tokenizer={ev.tokenizer}: not a directory")
+
+    def _validate_numbers(self) -> None:
+        """What a real run would otherwise fail on later with a traceback (or worse, run)."""
+        t, o = self.train, self.optim
+        checks = [
+            (
+                t.global_batch_size >= 1,
+                f"train.global_batch_size={t.global_batch_size} must be >= 1",
+            ),
+            (math.isfinite(o.lr) and o.lr > 0, f"optim.lr={o.lr} must be a positive finite number"),
+            (
+                math.isfinite(o.min_lr) and 0 <= o.min_lr <= o.lr,
+                f"optim.min_lr={o.min_lr} must be finite, between 0 and optim.lr={o.lr}",
+            ),
+            (self.logging.interval >= 1, f"logging.interval={self.logging.interval} must be >= 1"),
+            (
+                self.logging.eval_interval >= 0,
+                "logging.eval_interval must be >= 0 (0: no validation)",
+            ),
+            (self.data.num_workers >= 0, f"data.num_workers={self.data.num_workers} must be >= 0"),
+            (
+                math.isfinite(t.collective_timeout_s) and t.collective_timeout_s > 0,
+                f"train.collective_timeout_s={t.collective_timeout_s} must be a positive number",
+            ),
+            (self.checkpoint.keep >= 0, "checkpoint.keep must be >= 0 (0 keeps every checkpoint)"),
+            (self.data.seq_length >= 1, f"data.seq_length={self.data.seq_length} must be >= 1"),
+        ]
+        for ok, what in checks:
+            if not ok:
+                raise UserError(f"run config: {what}")
 
 
 def check_rampup(train: TrainConfig, dp_size: int) -> None:

@@ -11,6 +11,7 @@ import json
 import os
 
 from megatron_ext.config import apply_overrides, dump_yaml, from_dict, read_yaml, to_dict
+from megatron_ext.errors import UserError
 from megatron_ext.log import get_logger
 from megatron_ext.training.config import RunConfig
 
@@ -48,6 +49,14 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
     if args.kill_switch_file is not None:
         cfg.train.kill_switch_file = args.kill_switch_file
     cfg.validate()
+    from megatron_ext.models.config import resolve_model_config
+
+    layers = resolve_model_config(cfg.model).num_layers
+    if cfg.parallel.pp > layers:
+        raise UserError(
+            f"parallel.pp={cfg.parallel.pp} is more pipeline stages than the model's {layers} "
+            "layers; choose parallel.pp <= model.num_layers"
+        )
     return cfg
 
 
@@ -95,6 +104,8 @@ def dry_run_report(cfg: RunConfig, world_size: int) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.nproc_per_node is not None and args.nproc_per_node < 1:
+        raise UserError(f"--nproc-per-node {args.nproc_per_node}: give at least 1 process")
     cfg = resolve_config(args)
     if args.dry_run:
         world = (
