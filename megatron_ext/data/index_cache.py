@@ -16,7 +16,6 @@ the atomic rename keeps exactly one result (all results are identical).
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -31,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from megatron_ext.filelock import FileLock
 from megatron_ext.log import get_logger
 
 log = get_logger(__name__)
@@ -65,63 +65,6 @@ class CacheResult:
     arrays: dict[str, np.ndarray]  # memory-mapped, read-only
     path: Path
     built: bool  # True when this process built the entry
-
-
-class _FileLock:
-    """Exclusive flock on `path`, waiting by polling (and saying who holds it)."""
-
-    def __init__(self, path: Path, poll_seconds: float, timeout: float | None, log_every: float):
-        self.path, self.poll, self.timeout, self.log_every = path, poll_seconds, timeout, log_every
-        self._fd: int | None = None
-        self.supported = True
-
-    def __enter__(self) -> _FileLock:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o664)
-        start = last_log = time.monotonic()
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as exc:
-                if exc.errno in (errno.ENOLCK, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-                    log.warning(
-                        f"{self.path}: file locks not supported here ({exc.strerror}); "
-                        "building without a lock (the atomic rename keeps one result)"
-                    )
-                    self.supported = False
-                    break
-                if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                    os.close(fd)
-                    raise
-            now = time.monotonic()
-            if self.timeout is not None and now - start > self.timeout:
-                os.close(fd)
-                raise TimeoutError(
-                    f"{self.path}: still locked by {self._holder()} after "
-                    f"{self.timeout:.0f} s; if no build is running, delete the file"
-                )
-            if now - last_log >= self.log_every:
-                log.info(f"waiting for the index build by {self._holder()} ({now - start:.0f} s)")
-                last_log = now
-            time.sleep(self.poll)
-        self._fd = fd
-        if self.supported:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{socket.gethostname()} pid {os.getpid()}\n".encode(), 0)
-        return self
-
-    def _holder(self) -> str:
-        try:
-            return self.path.read_text().strip() or "another process"
-        except OSError:
-            return "another process"
-
-    def __exit__(self, *exc) -> None:
-        if self._fd is not None:
-            if self.supported:
-                fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
 
 
 class IndexCache:
@@ -194,7 +137,7 @@ class IndexCache:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         (self.cache_dir / ".locks").mkdir(exist_ok=True)
         lock_path = self.cache_dir / ".locks" / f"{path.name}.lock"
-        with _FileLock(lock_path, self.poll_seconds, self.timeout, self.log_every):
+        with FileLock(lock_path, self.poll_seconds, self.timeout, self.log_every):
             arrays = self.load(name, description)  # built by another process while we waited
             if arrays is not None:
                 return CacheResult(arrays, path, built=False)

@@ -25,11 +25,14 @@ import torch
 import torch.distributed as dist
 
 from megatron_ext.config import dump_yaml
+from megatron_ext.errors import UserError
+from megatron_ext.filelock import FileLock, LockHeld
 from megatron_ext.log import get_logger
 
 log = get_logger(__name__)
 
 MANIFEST = "manifest.json"
+RUN_LOCK = ".run.lock"  # held by rank 0 of the run using the directory
 TAG_RE = re.compile(r"^iter_(\d{7})$")
 
 
@@ -126,6 +129,33 @@ def save(engine, root: str, iteration: int, client_state: dict, run_config, keep
         log.info("saved checkpoint %s", final)
     dist.barrier()
     return tag
+
+
+def lock_run_dir(root: str) -> FileLock | None:
+    """One run per checkpoint directory (collective): rank 0 takes ROOT/.run.lock and holds it
+    until `release_run_dir`; when another run holds it every rank raises a UserError naming that
+    run's host and process. The lock dies with its process: a crashed run leaves none behind."""
+    lock, held_by = None, None
+    if dist.get_rank() == 0:
+        Path(root).mkdir(parents=True, exist_ok=True)
+        lock = FileLock(Path(root) / RUN_LOCK, poll_seconds=0.1, timeout=0, log_every=1e9)
+        try:
+            lock.__enter__()
+        except LockHeld:
+            held_by, lock = lock.holder(), None
+    box = [held_by]
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        raise UserError(
+            f"checkpoint.dir={root} is in use by another run ({box[0]}): one run per checkpoint "
+            "directory. Wait for it to end or stop it, or give this run another checkpoint.dir"
+        )
+    return lock
+
+
+def release_run_dir(lock: FileLock | None) -> None:
+    if lock is not None:
+        lock.__exit__(None, None, None)
 
 
 def candidates(root: Path) -> list[str]:

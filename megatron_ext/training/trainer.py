@@ -227,6 +227,14 @@ def _save(engine: Engine, cfg: RunConfig, state: TrainState) -> None:
 
 def train(cfg: RunConfig) -> dict:
     """Run (or resume) training; returns {"iteration", "stopped", "loss"}. Collective."""
+    run_lock = checkpointing.lock_run_dir(cfg.checkpoint.dir)  # before anything writes there
+    try:
+        return _train(cfg)
+    finally:
+        checkpointing.release_run_dir(run_lock)
+
+
+def _train(cfg: RunConfig) -> dict:
     model_config = resolve_model_config(cfg.model)
     model_config.seq_length = cfg.data.seq_length
     baseline_rss_mb = start_rss_tracking()  # what the model, optimizer and steps add comes after
