@@ -2,6 +2,11 @@
 
 Signals only set a flag; the training loop checks `should_stop()` between steps, and all ranks
 agree (an all-reduce of the flag) so every rank finishes the same step, saves, and exits 0.
+
+A rank process records SIGUSR1/SIGTERM from its start (`install_early_handlers`, before torch,
+DeepSpeed, the engine build and checkpoint loading), so a signal that arrives during start-up is
+not the default action (death, no message, no requeue): the run stops at its first step boundary
+with nothing new to save, exits 0, and the Slurm script requeues it.
 """
 
 from __future__ import annotations
@@ -21,6 +26,21 @@ def process_start_monotonic() -> float:
     return time.monotonic() - age
 
 
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+_early_signal: int | None = None
+
+
+def _record_early(signum, frame) -> None:
+    global _early_signal
+    _early_signal = signum
+
+
+def install_early_handlers() -> None:
+    """Record a stop signal from now on, until StopConditions.install takes it over."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _record_early)
+
+
 class StopConditions:
     def __init__(
         self, exit_duration_mins: float | None = None, kill_switch_file: str | None = None
@@ -32,8 +52,11 @@ class StopConditions:
         self._previous = {}
 
     def install(self) -> None:
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
+        """Handle the stop signals; one recorded since `install_early_handlers` counts."""
+        for sig in STOP_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
+        if _early_signal is not None and self.signal_received is None:
+            self.signal_received = _early_signal
 
     def uninstall(self) -> None:
         for sig, handler in self._previous.items():

@@ -104,6 +104,10 @@ def dry_run_report(cfg: RunConfig, world_size: int) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    if not (args.dry_run or args.nproc_per_node):  # this process is a rank: see stopping.py
+        from megatron_ext.training.stopping import install_early_handlers
+
+        install_early_handlers()
     if args.nproc_per_node is not None and args.nproc_per_node < 1:
         raise UserError(f"--nproc-per-node {args.nproc_per_node}: give at least 1 process")
     cfg = resolve_config(args)
@@ -140,12 +144,15 @@ def train_here(cfg: RunConfig) -> int:
     """This process is one rank of the run (the launcher set the environment)."""
     from megatron_ext.training import engine as engine_mod
     from megatron_ext.training.launch import export_dist_env
+    from megatron_ext.training.stopping import StopConditions
     from megatron_ext.training.trainer import CollectiveError, NonFiniteLossError, train
 
+    stop = StopConditions(cfg.train.exit_duration_in_mins, cfg.train.kill_switch_file)
+    stop.install()  # before the process group, the engine and loading: start-up is covered
     export_dist_env()
     engine_mod.init_distributed(cfg.train.collective_timeout_s)
     try:
-        result = train(cfg)
+        result = train(cfg, stop)
     except NonFiniteLossError as exc:
         log.error("%s", exc)
         engine_mod.shutdown()

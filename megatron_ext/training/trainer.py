@@ -225,16 +225,23 @@ def _save(engine: Engine, cfg: RunConfig, state: TrainState) -> None:
         )
 
 
-def train(cfg: RunConfig) -> dict:
-    """Run (or resume) training; returns {"iteration", "stopped", "loss"}. Collective."""
+def train(cfg: RunConfig, stop: StopConditions | None = None) -> dict:
+    """Run (or resume) training; returns {"iteration", "stopped", "loss"}. Collective.
+    stop: conditions installed by the caller at process start (default: installed here)."""
     run_lock = checkpointing.lock_run_dir(cfg.checkpoint.dir)  # before anything writes there
+    own = stop is None
+    if own:
+        stop = StopConditions(cfg.train.exit_duration_in_mins, cfg.train.kill_switch_file)
+        stop.install()
     try:
-        return _train(cfg)
+        return _train(cfg, stop)
     finally:
+        if own:
+            stop.uninstall()
         checkpointing.release_run_dir(run_lock)
 
 
-def _train(cfg: RunConfig) -> dict:
+def _train(cfg: RunConfig, stop: StopConditions) -> dict:
     model_config = resolve_model_config(cfg.model)
     model_config.seq_length = cfg.data.seq_length
     baseline_rss_mb = start_rss_tracking()  # what the model, optimizer and steps add comes after
@@ -256,8 +263,6 @@ def _train(cfg: RunConfig) -> dict:
         cfg.data.num_workers,
         vocab_size=model_config.vocab_size,
     )
-    stop = StopConditions(cfg.train.exit_duration_in_mins, cfg.train.kill_switch_file)
-    stop.install()
     seq, recompute = cfg.data.seq_length, cfg.train.activation_checkpointing
     flops_token = (
         flops.model_flops_per_token(model_config, seq),
@@ -350,7 +355,6 @@ def _train(cfg: RunConfig) -> dict:
                 saved = "no step was run, nothing to save"
             log.info("stopping at step %d: %s (%s)", state.iteration, result["stopped"], saved)
     finally:
-        stop.uninstall()
         metrics.close()
     result["iteration"] = state.iteration
     return result

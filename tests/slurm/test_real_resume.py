@@ -112,13 +112,21 @@ def test_slurm_time_limit_signal_saves_requeues_and_matches(tmp_path, jobs, fi_d
     jobs.add(*ids)
     jobs.wait(timeout=260)
     ends = [e for e in events(run_dir) if e["event"] == "end"]
-    assert len(ends) == 2, logs(run_dir)
-    first, second = ends
-    assert (first["iteration"], first["rc"]) == (HOLD, 0), logs(run_dir)
-    assert (second["iteration"], second["rc"], second["restart"]) == (ITERS, 0, 1)
-    assert first["job_id"] == second["job_id"] == ids[0]
+    # On a loaded machine the signal may come while the trainer still starts up or before it
+    # reaches HOLD: it then stops at its first step boundary, saving what it has (or nothing
+    # new at step 0), and the job is requeued all the same (it used to die of the signal),
+    # possibly more than once; the last leg finishes the run.
+    assert len(ends) >= 2, logs(run_dir)
+    *stopped, last = ends
+    assert (last["iteration"], last["rc"], last["restart"]) == (ITERS, 0, len(stopped))
+    iterations = [e["iteration"] for e in stopped]
+    assert all(e["rc"] == 0 for e in stopped) and max(iterations) <= HOLD, logs(run_dir)
+    assert iterations == sorted(iterations)
+    assert {e["job_id"] for e in ends} == {ids[0]}
     text = logs(run_dir)
-    assert f"stopping at step {HOLD}: signal SIGUSR1 (checkpoint saved)" in text, text[-3000:]
+    first = stopped[0]["iteration"]
+    saved = "no step was run, nothing to save" if first == 0 else "checkpoint saved"
+    assert f"stopping at step {first}: signal SIGUSR1 ({saved})" in text, text[-3000:]
     assert "requeueing job" in text
     assert "#SBATCH --signal=USR1@30" in (run_dir / "job.sbatch").read_text()
     _assert_same_losses(ckpt, reference)
