@@ -18,6 +18,7 @@ import os
 import random
 import re
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -131,6 +132,27 @@ def save(engine, root: str, iteration: int, client_state: dict, run_config, keep
     return tag
 
 
+def set_aside(root: str, why: list[str]) -> Path | None:
+    """Move every checkpoint of ROOT (iter_*, their universal copies, `latest`) and the run's
+    metrics into ROOT/set-aside-<UTC time>/ with a WHY.txt (rank 0; the others wait)."""
+    root_p, aside = Path(root), None
+    if dist.get_rank() == 0:
+        aside = root_p / time.strftime("set-aside-%Y%m%dT%H%M%SZ", time.gmtime())
+        aside.mkdir()
+        names = [*list_checkpoints(root_p), "latest", "metrics.jsonl", "tensorboard"]
+        names += [p.name for p in root_p.glob("iter_*_universal")]
+        for name in names:
+            if (root_p / name).exists():
+                os.replace(root_p / name, aside / name)
+        (aside / "WHY.txt").write_text(
+            "set aside by `megatron-ext train --start-over`: no checkpoint here loaded\n"
+            + "".join(f"{line}\n" for line in why)
+        )
+        log.warning("no checkpoint in %s loads: moved them to %s; starting over", root_p, aside)
+    dist.barrier()
+    return aside
+
+
 def lock_run_dir(root: str) -> FileLock | None:
     """One run per checkpoint directory (collective): rank 0 takes ROOT/.run.lock and holds it
     until `release_run_dir`; when another run holds it every rank raises a UserError naming that
@@ -177,18 +199,27 @@ def _agree(ok: bool) -> bool:
 
 
 def load(
-    engine, root: str, *, weights_only: bool = False, universal_tag: str | None = None
+    engine,
+    root: str,
+    *,
+    weights_only: bool = False,
+    universal_tag: str | None = None,
+    failures: list[str] | None = None,
 ) -> tuple[str, dict] | None:
     """Load the newest good checkpoint under `root` (collective). None when there is none.
 
     weights_only: continued pretraining (reset iteration, optimizer and scheduler).
     universal_tag: load this converted universal checkpoint (layout change; no RNG states).
+    failures: gets one "DIR: why" line per checkpoint tried and skipped on this rank.
     """
+    failures = [] if failures is None else failures
     root_p = Path(root)
     for tag in [universal_tag] if universal_tag else candidates(root_p):
         problem = None if universal_tag else verify(root_p / tag)
         if not _agree(problem is None):
+            problem = problem or "incomplete on another rank"
             log.warning("checkpoint %s skipped: %s; trying an older one", root_p / tag, problem)
+            failures.append(f"{root_p / tag}: {problem}")
             continue
         try:
             _, client_state = engine.ds.load_checkpoint(
@@ -201,9 +232,13 @@ def load(
             ok = client_state is not None or weights_only
         except Exception as exc:  # noqa: BLE001 - any load failure falls back
             log.warning("checkpoint %s failed to load: %s", root_p / tag, exc)
+            error = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+            failures.append(f"{root_p / tag}: failed to load: {type(exc).__name__}: {error}")
             ok = False
         if not _agree(ok):
             log.warning("checkpoint %s not usable on every rank; trying an older one", root_p / tag)
+            if ok:
+                failures.append(f"{root_p / tag}: failed to load on another rank")
             continue
         rng = root_p / tag / f"rng_rank{dist.get_rank()}.pt"
         if not weights_only and not universal_tag and rng.is_file():

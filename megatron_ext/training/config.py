@@ -91,6 +91,9 @@ class CheckpointConfig:
     reset_progress: bool = (
         False  # continued pretraining: weights only, new iteration/optim/schedule
     )
+    # when `dir` holds checkpoints and none of them loads: move them to dir/set-aside-*/ and
+    # start from step 1 (without it that is an error); a run whose checkpoint loads resumes
+    start_over: bool = False
 
 
 @dataclass

@@ -30,6 +30,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="continued pretraining: load weights only (checkpoint.load), new schedule",
     )
+    p.add_argument(
+        "--start-over",
+        action="store_true",
+        help="when no checkpoint in checkpoint.dir loads, move them aside and start from step 1",
+    )
     p.add_argument("--exit-duration-in-mins", type=float, default=None)
     p.add_argument("--kill-switch-file", default=None)
     # launchers' `--local_rank=N` (also in LOCAL_RANK): accepted and ignored
@@ -44,6 +49,8 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
     cfg = from_dict(RunConfig, data, where=args.config or "config")
     if args.reset_progress:
         cfg.checkpoint.reset_progress = True
+    if args.start_over:
+        cfg.checkpoint.start_over = True
     if args.exit_duration_in_mins is not None:
         cfg.train.exit_duration_in_mins = args.exit_duration_in_mins
     if args.kill_switch_file is not None:
@@ -132,6 +139,8 @@ def run(args: argparse.Namespace) -> int:
         argv = ["train", *(["--config", args.config] if args.config else []), *args.overrides]
         if args.reset_progress:
             argv.append("--reset-progress")
+        if args.start_over:
+            argv.append("--start-over")
         if args.exit_duration_in_mins is not None:
             argv += ["--exit-duration-in-mins", str(args.exit_duration_in_mins)]
         if args.kill_switch_file:

@@ -188,7 +188,10 @@ def _resume(engine: Engine, cfg: RunConfig, universal_tag: str | None) -> TrainS
         tag = universal.convert(own, universal_tag)
         found, reset = checkpointing.load(engine, own, universal_tag=tag), False
     elif checkpointing.candidates(Path(own)) or not cfg.checkpoint.load:
-        found, reset = checkpointing.load(engine, own), False
+        failures: list[str] = []
+        found, reset = checkpointing.load(engine, own, failures=failures), False
+        if found is None and failures:
+            _start_over_or_refuse(cfg, failures)
     else:
         reset = cfg.checkpoint.reset_progress
         found = checkpointing.load(engine, cfg.checkpoint.load, weights_only=reset)
@@ -201,6 +204,20 @@ def _resume(engine: Engine, cfg: RunConfig, universal_tag: str | None) -> TrainS
         return TrainState()
     client = found[1]
     return TrainState(client.get("iteration", 0), client.get("consumed_samples", 0))
+
+
+def _start_over_or_refuse(cfg: RunConfig, failures: list[str]) -> None:
+    """checkpoint.dir holds checkpoints and none loads: an error (never a silent fresh start
+    that overwrites and rotates them away), or with --start-over they are moved aside."""
+    if not cfg.checkpoint.start_over:
+        raise UserError(
+            f"checkpoint.dir={cfg.checkpoint.dir} holds checkpoints but none of them loads:\n  "
+            + "\n  ".join(failures)
+            + "\nFix the cause (a changed model or layout, a damaged file) or, to train from "
+            "scratch here anyway, run again with --start-over (the old checkpoints are moved to "
+            "a set-aside-* directory, not deleted)"
+        )
+    checkpointing.set_aside(cfg.checkpoint.dir, failures)
 
 
 def _client_state(state: TrainState, engine: Engine, cfg: RunConfig) -> dict:
