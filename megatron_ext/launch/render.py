@@ -95,8 +95,33 @@ def parse_time(text: str, where: str = "--time") -> int:
     return ((days * 24 + hours) * 60 + minutes) * 60 + seconds
 
 
+_NO_WHITESPACE = ("job_name", "account", "partition", "time")
+_NO_CONTROL = ("config", "output", "run_dir", "container", "train_cmd", "launcher")
+
+
+def _check_script_values(opts: RenderOptions) -> None:
+    """Values that reach the script: a control character (a newline) would end the #SBATCH
+    header and run the rest as a command; Slurm takes no whitespace in these names."""
+    for name in (*_NO_WHITESPACE, *_NO_CONTROL):
+        value = getattr(opts, name)
+        if value is None:
+            continue
+        text = str(value)
+        bad = [c for c in text if ord(c) < 32 or ord(c) == 127]
+        if name in _NO_WHITESPACE:
+            bad += [c for c in text if c.isspace() and c not in bad]
+        if bad:
+            option = "--" + name.replace("_", "-")
+            raise UserError(
+                f"{option} {text!r}: contains {sorted(set(bad))!r}, which the job script cannot "
+                "hold safely; use a value without control characters"
+                + (" or whitespace" if name in _NO_WHITESPACE else "")
+            )
+
+
 def prepare_job(opts: RenderOptions) -> Job:
     """Check the combination and derive the job's shape; every refusal says what to change."""
+    _check_script_values(opts)
     p = opts.profile
     if opts.nodes is None or opts.nodes < 1:
         raise UserError("--nodes N is required (N >= 1): how many nodes the job gets")

@@ -186,3 +186,28 @@ def test_user_profile_by_env_dir(tmp_path, monkeypatch, run_yaml):
 def test_parse_time():
     assert parse_time("01:00:00") == 3600
     assert parse_time("2-00:00:30") == 2 * 86400 + 30
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"job_name": "run\nrm -rf ~"},
+        {"job_name": "my run"},
+        {"account": "project_1\n#SBATCH --qos=high"},
+        {"partition": "small\tg"},
+        {"output": Path("out\n/job.sbatch")},
+        {"container": "img.sif\necho pwned"},
+    ],
+)
+def test_control_characters_never_reach_the_script(run_yaml, kw):
+    """A newline in a value became a top-level command (sbatch stops reading #SBATCH there)."""
+    (name,) = kw
+    with pytest.raises(UserError, match=f"--{name.replace('_', '-')} "):
+        prepare_job(options("generic", run_yaml, **kw))
+
+
+def test_config_path_with_a_newline_is_refused(run_yaml, tmp_path):
+    odd = tmp_path / "run\necho pwned.yaml"
+    odd.write_text(run_yaml.read_text())
+    with pytest.raises(UserError, match="--config"):
+        prepare_job(options("generic", run_yaml=odd))
