@@ -48,6 +48,20 @@ MAX_GOOD_EPOCHS = 4.0  # past ~4 repetitions repeated tokens lose most of their 
 _KEYS = {"path", "weight", "upsample", "name", "vocab_size"}
 
 
+def _refuse_duplicates(sources: list, origin) -> None:
+    """The same dataset listed twice would be drawn twice while the table shows each half's
+    epochs: give it once, with the summed weight (or the upsample factor you mean)."""
+    seen: dict[str, int] = {}
+    for i, src in enumerate(sources):
+        key = os.path.realpath(src.path)
+        if key in seen:
+            raise UserError(
+                f"{origin}: entries {seen[key] + 1} and {i + 1} are the same dataset "
+                f"({src.path}); list it once, with the summed weight or one upsample factor"
+            )
+        seen[key] = i
+
+
 @dataclass(frozen=True)
 class BlendSource:
     path: str
@@ -124,6 +138,9 @@ class BlendConfig:
                 raise UserError(
                     f"{where}: unknown keys {sorted(unknown)}; allowed: {sorted(_KEYS)}"
                 )
+            for key in ("weight", "upsample", "vocab_size"):
+                if isinstance(entry.get(key), bool):  # YAML true/false: float(True) is 1.0
+                    raise UserError(f"{where}: {key} must be a number, got {entry[key]!r}")
             try:
                 sources.append(
                     BlendSource(
@@ -142,6 +159,7 @@ class BlendConfig:
                 raise UserError(
                     f"{where}: weight, upsample and vocab_size must be numbers"
                 ) from None
+        _refuse_duplicates(sources, path)
         return cls(sources, origin=path)
 
     @classmethod
@@ -221,6 +239,15 @@ class BlendPlan:
             )
         return "\n".join(rows)
 
+    def warnings(self) -> list[str]:
+        """Sources repeated more than MAX_GOOD_EPOCHS times in this split."""
+        return [
+            f"{s.name}: {s.epochs:.1f} epochs over its {self.split} split ({s.tokens:,} tokens); "
+            f"beyond ~{MAX_GOOD_EPOCHS:.0f} repeated data loses most of its value"
+            for s in self.sources
+            if s.epochs > MAX_GOOD_EPOCHS
+        ]
+
     def to_json(self) -> dict:
         keys = ("name", "path", "tokens", "weight", "samples", "fraction", "epochs", "cache_path")
         return {
@@ -229,6 +256,7 @@ class BlendPlan:
             "num_samples": self.num_samples,
             "cache_path": self.cache_path,
             "sources": [{k: getattr(s, k) for k in keys} for s in self.sources],
+            "warnings": self.warnings(),
         }
 
 
@@ -391,13 +419,8 @@ def _blending_index(
 
 def log_plan(plan: BlendPlan) -> None:
     log.info(plan.table())
-    for s in plan.sources:
-        if s.epochs > MAX_GOOD_EPOCHS:
-            log.warning(
-                f"{s.name}: {s.epochs:.1f} epochs over its {plan.split} split "
-                f"({s.tokens:,} tokens); "
-                f"beyond ~{MAX_GOOD_EPOCHS:.0f} repeated data loses most of its value"
-            )
+    for warning in plan.warnings():
+        log.warning(warning)
 
 
 def build_blended_dataset(

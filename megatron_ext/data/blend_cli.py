@@ -81,6 +81,7 @@ def _inspect(args: argparse.Namespace) -> int:
         print(json.dumps({**plan.to_json(), "cache_dir": args.cache_dir}, indent=2))
     else:
         print(plan.table())
+        print("".join(f"warning: {w}\n" for w in plan.warnings()), end="")
         print(f"blending index cache: {plan.cache_path}")
     return 0
 

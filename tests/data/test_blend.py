@@ -237,3 +237,30 @@ def test_build_index_command_then_training_loads(three, capsys):
     assert set(out["splits"]) == {"train", "valid"} and out["splits"]["train"]["samples"] == 300
     train, valid, _ = build_datasets(blend_path, 16, (300, 20, 0), split="90,10,0", cache_dir=cache)
     assert not any(ds.built_index for ds in train.datasets + valid.datasets)
+
+
+def test_inspect_blend_prints_the_repetition_warning(three, capsys, monkeypatch):
+    """The README promised it; only training's log had it."""
+    tmp, _, blend_path = three
+    monkeypatch.chdir(tmp)
+    argv = ["inspect-blend", "--blend", blend_path, "--seq-length", "64", "--num-samples", "2000"]
+    assert cli.main([*argv, "--data-split", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "warning: fiwiki:" in out and "repeated data loses most of its value" in out
+    assert cli.main([*argv, "--data-split", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["warnings"]
+
+
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ("- {path: a, weight: true}\n- {path: b, weight: 1}\n", "weight must be a number, got"),
+        ("- {path: a, upsample: false}\n", "upsample must be a number"),
+        ("- {path: a, weight: 1}\n- {path: ./a, weight: 2}\n", "entries 1 and 2 are the same"),
+    ],
+)
+def test_booleans_and_duplicate_sources_are_refused(tmp_path, text, match):
+    """`weight: true` read as 1.0; a source listed twice was drawn twice while the table showed
+    each half's small epoch count."""
+    with pytest.raises(UserError, match=match):
+        BlendConfig.from_yaml(write(tmp_path / "bad.yaml", text))
