@@ -20,6 +20,7 @@ import time
 
 from megatron_ext.launch.slurm_env import dist_env
 from megatron_ext.log import get_logger
+from megatron_ext.training.stopping import INTERRUPT_AGAIN_S
 
 log = get_logger(__name__)
 
@@ -45,7 +46,8 @@ def spawn_local(nproc: int, argv: list[str], timeout_s: float | None = None) -> 
     """Run `python -m megatron_ext <argv>` as `nproc` local ranks; returns the worst exit code.
 
     SIGTERM/SIGUSR1 sent to this process are forwarded to every rank (so a Slurm warning or
-    scancel makes them save and exit). When one rank fails, the others are stopped.
+    scancel makes them save and exit), and so is SIGINT (Ctrl-C: stop after the step and save;
+    a second Ctrl-C kills the ranks). When one rank fails, the others are stopped.
     """
     port = free_port()
     procs = []
@@ -69,7 +71,24 @@ def spawn_local(nproc: int, argv: list[str], timeout_s: float | None = None) -> 
             if p.poll() is None:
                 p.send_signal(signum)
 
+    interrupts: list[float] = []
+
+    def interrupt(signum, frame):
+        """Ctrl-C: the ranks stop at the step boundary and save (as on SIGTERM); a second one
+        (after stopping.INTERRUPT_AGAIN_S) kills them at once."""
+        now = time.monotonic()
+        if interrupts and now - interrupts[0] > INTERRUPT_AGAIN_S:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+            raise KeyboardInterrupt
+        if not interrupts:
+            log.warning("interrupted: the ranks stop after this step and save (Ctrl-C again: now)")
+            forward(signum, frame)
+        interrupts.append(now)
+
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    previous[signal.SIGINT] = signal.signal(signal.SIGINT, interrupt)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     failed_at = None
     try:

@@ -26,12 +26,22 @@ def process_start_monotonic() -> float:
     return time.monotonic() - age
 
 
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+# SIGINT (Ctrl-C) stops like SIGTERM: at the step boundary, with a save. A second Ctrl-C more
+# than INTERRUPT_AGAIN_S later stops at once (in a terminal the first one reaches a rank twice,
+# from the terminal and from the launcher, within milliseconds).
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+INTERRUPT_AGAIN_S = 2.0
 _early_signal: int | None = None
+_early_interrupt: float | None = None
 
 
 def _record_early(signum, frame) -> None:
-    global _early_signal
+    global _early_signal, _early_interrupt
+    if signum == signal.SIGINT:
+        now = time.monotonic()
+        if _early_interrupt is not None and now - _early_interrupt > INTERRUPT_AGAIN_S:
+            raise KeyboardInterrupt
+        _early_interrupt = _early_interrupt or now
     _early_signal = signum
 
 
@@ -49,6 +59,7 @@ class StopConditions:
         self.exit_duration_s = None if exit_duration_mins is None else exit_duration_mins * 60.0
         self.kill_switch_file = kill_switch_file
         self.signal_received: int | None = None
+        self._first_interrupt: float | None = None
         self._previous = {}
 
     def install(self) -> None:
@@ -64,6 +75,13 @@ class StopConditions:
         self._previous.clear()
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT:
+            now = time.monotonic()
+            if self._first_interrupt is not None:
+                if now - self._first_interrupt > INTERRUPT_AGAIN_S:
+                    raise KeyboardInterrupt  # the second Ctrl-C: stop at once, no save
+                return
+            self._first_interrupt = now
         self.signal_received = signum
 
     def local_reason(self) -> str | None:

@@ -56,3 +56,31 @@ def test_sigterm_during_startup_exits_zero_without_training(fi_dataset, tmp_path
     assert proc.returncode == 0, out[-3000:]
     assert "stopping at step 0: signal SIGTERM (no step was run, nothing to save)" in out
     assert not (tmp_path / "ckpt" / "latest").exists()
+
+
+def test_ctrl_c_to_the_launcher_stops_the_ranks_after_the_step_and_saves(fi_dataset, tmp_path):
+    """SIGINT to `train --nproc-per-node` was not forwarded: the launcher waited for the ranks
+    to finish (616 s in the probe). Now the ranks stop at the step boundary and save."""
+    from tests.training.helpers import logged_steps
+
+    ckpt = tmp_path / "ckpt"
+    proc = subprocess.Popen(
+        train_cmd(
+            "bloom", fi_dataset, ckpt, "parallel.tp=2", "train.iterations=50",
+            "train.inject_hold_step=2", "checkpoint.interval=100", nproc=2,
+        ),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env(),
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while 2 not in logged_steps(ckpt) and time.monotonic() < deadline:
+            assert proc.poll() is None
+            time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)  # the launcher only, as `kill -INT`
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-3000:]
+    assert "stopping at step 2: signal SIGINT (checkpoint saved)" in out
+    assert (ckpt / "latest").read_text() == "iter_0000002"
