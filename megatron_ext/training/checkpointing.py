@@ -153,6 +153,23 @@ def set_aside(root: str, why: list[str]) -> Path | None:
     return aside
 
 
+def newest_complete(root: Path) -> str:
+    """The tag `load` would try first that passes verification (`latest` first, then older);
+    UserError listing each problem when none does."""
+    tags = candidates(root)
+    if not tags:
+        raise UserError(
+            f"{root}: no iter_* checkpoint here; is this a megatron-ext checkpoint dir?"
+        )
+    problems = []
+    for tag in tags:
+        problem = verify(root / tag)
+        if problem is None:
+            return tag
+        problems.append(f"{tag}: {problem}")
+    raise UserError(f"{root}: no complete checkpoint:\n  " + "\n  ".join(problems))
+
+
 def lock_run_dir(root: str) -> FileLock | None:
     """One run per checkpoint directory (collective): rank 0 takes ROOT/.run.lock and holds it
     until `release_run_dir`; when another run holds it every rank raises a UserError naming that
@@ -205,16 +222,19 @@ def load(
     weights_only: bool = False,
     universal_tag: str | None = None,
     failures: list[str] | None = None,
+    tag: str | None = None,
 ) -> tuple[str, dict] | None:
     """Load the newest good checkpoint under `root` (collective). None when there is none.
 
     weights_only: continued pretraining (reset iteration, optimizer and scheduler).
     universal_tag: load this converted universal checkpoint (layout change; no RNG states).
     failures: gets one "DIR: why" line per checkpoint tried and skipped on this rank.
+    tag: try only this checkpoint (no fallback to older ones).
     """
     failures = [] if failures is None else failures
     root_p = Path(root)
-    for tag in [universal_tag] if universal_tag else candidates(root_p):
+    tags = [universal_tag] if universal_tag else [tag] if tag else candidates(root_p)
+    for tag in tags:  # noqa: B020 - the loop variable is the one tag tried now
         problem = None if universal_tag else verify(root_p / tag)
         if not _agree(problem is None):
             problem = problem or "incomplete on another rank"

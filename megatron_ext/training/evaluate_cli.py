@@ -25,7 +25,11 @@ log = get_logger(__name__)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="a checkpoint dir (its `latest` is used)")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a checkpoint dir: its newest complete checkpoint (`latest` first) is evaluated",
+    )
     p.add_argument("--data-path", required=True, help="dataset prefix (.bin/.idx)")
     p.add_argument("--seq-length", type=int, default=None, help="default: the run's")
     p.add_argument("--num-samples", type=int, default=64)
@@ -36,16 +40,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
-def _checkpoint_config(ckpt: Path) -> RunConfig:
-    latest = ckpt / "latest"
-    if not latest.is_file():
-        raise UserError(f"{ckpt}: no `latest` file; is this a megatron-ext checkpoint dir?")
-    cfg_path = ckpt / latest.read_text().strip() / "config.yaml"
+def _checkpoint_config(ckpt: Path, tag: str) -> RunConfig:
+    """The run config saved in the checkpoint that will be evaluated (not `latest`'s)."""
+    cfg_path = ckpt / tag / "config.yaml"
     return from_dict(RunConfig, read_yaml(cfg_path), where=str(cfg_path))
 
 
-def eval_config(args: argparse.Namespace, world_size: int) -> RunConfig:
-    cfg = _checkpoint_config(Path(args.checkpoint))
+def eval_config(args: argparse.Namespace, world_size: int, tag: str) -> RunConfig:
+    cfg = _checkpoint_config(Path(args.checkpoint), tag)
     saved_tp = cfg.parallel.tp
     cfg.parallel.tp = args.tp or saved_tp
     cfg.parallel.pp = args.pp
@@ -75,14 +77,19 @@ def evaluate_here(args: argparse.Namespace) -> dict:
     from megatron_ext.training.launch import export_dist_env
     from megatron_ext.training.trainer import evaluate_loss
 
+    tag = checkpointing.newest_complete(Path(args.checkpoint))
     export_dist_env()
     engine_mod.init_distributed(600.0)
-    cfg = eval_config(args, dist.get_world_size())
+    cfg = eval_config(args, dist.get_world_size(), tag)
     model_config = resolve_model_config(cfg.model)
     model_config.seq_length = max(model_config.seq_length, cfg.data.seq_length)
     engine = engine_mod.build_engine(cfg, model_config)
-    if checkpointing.load(engine, args.checkpoint, weights_only=True) is None:
-        raise UserError(f"{args.checkpoint}: no complete checkpoint to evaluate")
+    failures: list[str] = []
+    found = checkpointing.load(
+        engine, args.checkpoint, weights_only=True, tag=tag, failures=failures
+    )
+    if found is None:
+        raise UserError(f"{args.checkpoint}: {tag} does not load: {'; '.join(failures)}")
     gbs = cfg.train.global_batch_size
     num_batches = max(1, args.num_samples // gbs)
     (dataset, _, _) = build_datasets(
@@ -96,11 +103,13 @@ def evaluate_here(args: argparse.Namespace) -> dict:
     engine_mod.shutdown()
     return {
         "checkpoint": args.checkpoint,
+        "tag": tag,
+        "iteration": int(tag.removeprefix("iter_")),
         "data_path": args.data_path,
         "samples": num_batches * gbs,
         "seq_length": cfg.data.seq_length,
-        "loss": loss,
-        "perplexity": math.exp(min(loss, 50.0)),
+        "loss": loss if math.isfinite(loss) else None,  # JSON has no NaN
+        "perplexity": math.exp(min(loss, 50.0)) if math.isfinite(loss) else None,
         "layout": {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "dp": engine.ctx.dp_size},
     }
 
@@ -130,12 +139,16 @@ def run(args: argparse.Namespace) -> int:
 
     with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed prints to stdout; ours is the JSON
         result = evaluate_here(args)
+    finite = result["loss"] is not None
     if global_rank() == 0:  # the command's output, on rank 0 only
         if args.json:
-            print(json.dumps(result))
-        else:
+            print(json.dumps(result, allow_nan=False))
+        elif finite:
             print(
-                f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.2f}  "
-                f"({result['samples']} samples of {result['seq_length']} tokens)"
+                f"{result['tag']}: loss {result['loss']:.4f}  perplexity "
+                f"{result['perplexity']:.2f}  ({result['samples']} samples of "
+                f"{result['seq_length']} tokens)"
             )
-    return 0
+        if not finite:
+            log.error("%s/%s: the loss is not finite", args.checkpoint, result["tag"])
+    return 0 if finite else 3
