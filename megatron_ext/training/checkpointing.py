@@ -222,19 +222,19 @@ def load(
     weights_only: bool = False,
     universal_tag: str | None = None,
     failures: list[str] | None = None,
-    tag: str | None = None,
+    only_tag: str | None = None,
 ) -> tuple[str, dict] | None:
     """Load the newest good checkpoint under `root` (collective). None when there is none.
 
     weights_only: continued pretraining (reset iteration, optimizer and scheduler).
     universal_tag: load this converted universal checkpoint (layout change; no RNG states).
     failures: gets one "DIR: why" line per checkpoint tried and skipped on this rank.
-    tag: try only this checkpoint (no fallback to older ones).
+    only_tag: try only this checkpoint (no fallback to older ones).
     """
     failures = [] if failures is None else failures
     root_p = Path(root)
-    tags = [universal_tag] if universal_tag else [tag] if tag else candidates(root_p)
-    for tag in tags:  # noqa: B020 - the loop variable is the one tag tried now
+    tags = [universal_tag] if universal_tag else [only_tag] if only_tag else candidates(root_p)
+    for tag in tags:
         problem = None if universal_tag else verify(root_p / tag)
         if not _agree(problem is None):
             problem = problem or "incomplete on another rank"

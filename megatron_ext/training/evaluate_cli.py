@@ -86,7 +86,7 @@ def evaluate_here(args: argparse.Namespace) -> dict:
     engine = engine_mod.build_engine(cfg, model_config)
     failures: list[str] = []
     found = checkpointing.load(
-        engine, args.checkpoint, weights_only=True, tag=tag, failures=failures
+        engine, args.checkpoint, weights_only=True, only_tag=tag, failures=failures
     )
     if found is None:
         raise UserError(f"{args.checkpoint}: {tag} does not load: {'; '.join(failures)}")
