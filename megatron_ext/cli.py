@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from megatron_ext.errors import UserError
+
+MAX_ERROR_CHARS = 4000
 
 # name -> (module, one-line help). Modules are imported only when their command runs.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -58,11 +61,17 @@ def main(argv: list[str] | None = None) -> int:
         if argv and argv[0] == name:
             importlib.import_module(module).add_arguments(sp)
     args = parser.parse_args(argv)
+    # no command runs code from a pickle: every torch.load is weights-only (and its children's)
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
     module = importlib.import_module(args._module)
     try:
         return int(module.run(args) or 0)
     except UserError as exc:
-        print(f"megatron-ext {args.command}: error: {exc}", file=sys.stderr)
+        text = str(exc)
+        if len(text) > MAX_ERROR_CHARS:  # never a 351 MB error (a value printed whole)
+            text = text[:MAX_ERROR_CHARS] + f" ... ({len(text) - MAX_ERROR_CHARS} more characters)"
+        print(f"megatron-ext {args.command}: error: {text}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"megatron-ext {args.command}: interrupted", file=sys.stderr)

@@ -15,7 +15,6 @@ L+2 saves nothing). File names do not depend on pp: each pipeline stage saves it
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -190,9 +189,11 @@ def write_layer_file(
 
 
 def write_tag_files(root: Path, tag: str, run_config: dict) -> None:
-    """config.yaml, manifest.json (names + sizes, as the trainer verifies) and `latest`."""
+    """config.yaml, manifest.json (names, sizes and checksums, as the trainer verifies) and
+    `latest`."""
+    from megatron_ext.checkpoint_format import write_manifest
+
     tag_dir = root / tag
     dump_yaml(run_config, tag_dir / "config.yaml")
-    files = {p.name: p.stat().st_size for p in sorted(tag_dir.iterdir()) if p.is_file()}
-    (tag_dir / "manifest.json").write_text(json.dumps({"files": files}, indent=1))
+    write_manifest(tag_dir)
     (root / "latest").write_text(tag)

@@ -46,20 +46,33 @@ def _check_layout(ckpt, tp_size: int, pp_size: int) -> None:
 def _link_source(ckpt, tag_dir: Path) -> None:
     """The source tag as links, except mp_rank_* (small): copied with this version's
     universal_checkpoint_info, which tells DeepSpeed how each parameter is split over TP (a
-    checkpoint saved by an older version may carry an incomplete one)."""
+    checkpoint saved by an older version may carry an incomplete one). Every source file is
+    checked against its manifest checksum first; the copy gets its own manifest."""
     import torch
 
+    from megatron_ext import checkpoint_format
     from megatron_ext.training.universal import universal_info
 
+    manifest = checkpoint_format.Manifest(ckpt.tag_dir)
+    problem = manifest.check_contents()
+    if problem is not None:
+        raise UserError(f"{ckpt.tag_dir}: not resharded: {problem}")
     tag_dir.mkdir()
     info = universal_info(ckpt.config)
+    known = {}
     for path in sorted(ckpt.tag_dir.iterdir()):
+        if path.name == checkpoint_format.MANIFEST:
+            continue
         if path.name.startswith("mp_rank_") and path.name.endswith("_model_states.pt"):
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = checkpoint_format.load_file(path, None, map_location="cpu")
             state["universal_checkpoint_info"] = info
             torch.save(state, tag_dir / path.name)
         else:
             (tag_dir / path.name).symlink_to(path.resolve())
+            meta = manifest.files.get(path.name)
+            if meta is not None and "crc32" in meta:
+                known[path.name] = (meta["size"], meta["crc32"])
+    checkpoint_format.write_manifest(tag_dir, known)
 
 
 def reshard_with_optimizer(

@@ -24,7 +24,6 @@ renamed on success.
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,15 +80,35 @@ class TrainerCheckpoint:
 
 def _client_state(tag_dir: Path) -> dict:
     """Our client state from mp_rank_00 (weights-only unpickling; {} when absent/refused)."""
+    from megatron_ext.checkpoint_format import CheckpointRefused, load_file
+
     path = tag_dir / "mp_rank_00_model_states.pt"
     if not path.is_file():
         return {}
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError) as exc:
-        log.warning("%s: training facts not read (%s)", path, str(exc).splitlines()[0][:120])
+        state = load_file(path, None, map_location="cpu")
+    except (CheckpointRefused, RuntimeError) as exc:
+        log.warning("%s: training facts not read (%s)", path, str(exc).splitlines()[0][:300])
         return {}
     return state if isinstance(state, dict) else {}
+
+
+def _check_model_files(tag_dir: Path) -> str | None:
+    """The checksums of the files a conversion reads (layer_* and mp_rank_*; the optimizer
+    shards are not read), in parallel. None when they match."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from megatron_ext.checkpoint_format import CheckpointRefused, Manifest
+
+    manifest = Manifest(tag_dir)
+    names = [n for n in manifest.files if n.startswith(("layer_", "mp_rank_"))]
+    with ThreadPoolExecutor(4) as pool:
+        for fut in [pool.submit(manifest.check_file, tag_dir / n) for n in names]:
+            try:
+                fut.result()
+            except CheckpointRefused as exc:
+                return str(exc)
+    return None
 
 
 def open_checkpoint(path: str | Path, iteration: int | None = None) -> TrainerCheckpoint:
@@ -101,6 +120,9 @@ def open_checkpoint(path: str | Path, iteration: int | None = None) -> TrainerCh
         problem = verify(tag_dir)
         if problem is not None:
             raise UserError(f"{tag_dir}: incomplete checkpoint: {problem}")
+        problem = _check_model_files(tag_dir)
+        if problem is not None:
+            raise UserError(f"{tag_dir}: not converted: {problem}")
     run_config = layout.read_run_config(tag_dir)
     where = str(tag_dir / "config.yaml")
     config = layout.model_config_of(run_config, where)

@@ -2,18 +2,20 @@
 
 Layout of `<checkpoint.dir>`:
     iter_0000100/          DeepSpeed's per-layer model files, ZeRO-1 optimizer shards,
-                           rng_rank{r}.pt (per rank: python, numpy, torch, CUDA and TP-tracker states), config.yaml (the resolved run config),
-                           manifest.json (file names + sizes; written last)
+                           rng_rank{r}.pt (per rank: python, numpy, torch, CUDA and TP-tracker
+                           states, as tensors and plain data), config.yaml (the resolved run config),
+                           manifest.json (name, size and CRC-32 of every file; written last)
     latest                 the tag of the newest complete checkpoint
 Saving writes under `iter_XXXXXXX.tmp`, then rank 0 renames it and replaces `latest` (temp file
 + os.replace): a run killed at any point leaves either the old or the new checkpoint complete.
-On load the manifest is checked; a missing/short file or a load error falls back to the previous
-complete checkpoint with a warning, never loading garbage.
+The checksums are computed while the files are written (checkpoint_format.py). On load the
+manifest is checked (sizes), and each rank checks each file's checksum just before unpickling it,
+weights-only: a missing, short, corrupted or code-carrying file falls back to the previous
+complete checkpoint with a warning naming the file, never loading garbage or running code.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
@@ -25,6 +27,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_ext import checkpoint_format
+from megatron_ext.checkpoint_format import MANIFEST, Manifest, verify  # noqa: F401 - re-exported
 from megatron_ext.config import dump_yaml
 from megatron_ext.errors import UserError
 from megatron_ext.filelock import FileLock, LockHeld
@@ -32,7 +36,6 @@ from megatron_ext.log import get_logger
 
 log = get_logger(__name__)
 
-MANIFEST = "manifest.json"
 RUN_LOCK = ".run.lock"  # held by rank 0 of the run using the directory
 TAG_RE = re.compile(r"^iter_(\d{7})$")
 
@@ -42,10 +45,17 @@ def tag_of(iteration: int) -> str:
 
 
 def _rng_state(engine) -> dict:
+    """Every RNG of this rank as tensors and plain data (loads weights-only, no numpy pickles)."""
+    _, keys, pos, has_gauss, cached = np.random.get_state()
     return {
         "tracker": engine.ctx.rng.get_states(),  # TP-split dropout masks
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
@@ -54,39 +64,31 @@ def _rng_state(engine) -> dict:
 def _set_rng_state(engine, state: dict) -> None:
     engine.ctx.rng.set_states(state.get("tracker", {}))  # saved before dropout was seeded: none
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    npy = state["numpy"]
+    if isinstance(npy, dict):
+        keys = npy["keys"].numpy().astype(np.uint32)
+        np.random.set_state(("MT19937", keys, npy["pos"], npy["has_gauss"], npy["cached_gaussian"]))
+    else:  # saved before 2026-12: numpy's own state tuple
+        np.random.set_state(npy)
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _write_manifest(path: Path) -> None:
-    files = {
-        str(p.relative_to(path)): p.stat().st_size
-        for p in sorted(path.rglob("*"))
-        if p.is_file() and p.name != MANIFEST
-    }
-    tmp = path / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps({"files": files}, indent=1))
-    os.replace(tmp, path / MANIFEST)
+def _load_rng(path: Path, manifest: Manifest) -> dict:
+    """A rank's RNG file, checksum-checked and weights-only. Files saved before 2026-12 hold a
+    numpy array: numpy's array reconstruction is allowed for them (data, no code)."""
+    from numpy._core.multiarray import _reconstruct
 
-
-def verify(path: Path) -> str | None:
-    """None when the checkpoint dir is complete, else what is wrong."""
-    manifest = path / MANIFEST
-    if not manifest.is_file():
-        return f"{manifest} is missing (half-written checkpoint?)"
-    try:
-        files = json.loads(manifest.read_text())["files"]
-    except (ValueError, KeyError) as exc:
-        return f"{manifest} is unreadable: {exc}"
-    for name, size in files.items():
-        f = path / name
-        if not f.is_file():
-            return f"{f} is missing"
-        if f.stat().st_size != size:
-            return f"{f} has {f.stat().st_size} bytes, the manifest says {size}"
-    return None
+    numpy_types = [
+        _reconstruct,
+        (_reconstruct, "numpy.core.multiarray._reconstruct"),  # pickled by numpy 1.x
+        np.ndarray,
+        np.dtype,
+        type(np.dtype(np.uint32)),
+    ]
+    with torch.serialization.safe_globals(numpy_types):
+        return checkpoint_format.load_file(path, manifest)
 
 
 def write_latest(root: Path, tag: str, name: str = "latest") -> None:
@@ -111,14 +113,18 @@ def save(engine, root: str, iteration: int, client_state: dict, run_config, keep
     if rank == 0:
         shutil.rmtree(root_p / tmp_tag, ignore_errors=True)
     dist.barrier()
+    files = engine.ds.checkpoint_engine  # checksums as it writes (checkpoint_format)
     engine.ds.save_checkpoint(
         str(root_p), tag=tmp_tag, client_state=client_state, save_latest=False
     )
-    torch.save(_rng_state(engine), root_p / tmp_tag / f"rng_rank{rank}.pt")
-    dist.barrier()
+    files.save(_rng_state(engine), str(root_p / tmp_tag / f"rng_rank{rank}.pt"))
+    written = [None] * dist.get_world_size()
+    dist.all_gather_object(written, files.take_written(root_p / tmp_tag))
     if rank == 0:
         dump_yaml(run_config, root_p / tmp_tag / "config.yaml")
-        _write_manifest(root_p / tmp_tag)
+        checkpoint_format.write_manifest(
+            root_p / tmp_tag, {k: v for part in written for k, v in part.items()}
+        )
         final = root_p / tag
         if final.exists():
             shutil.rmtree(final)
@@ -233,6 +239,7 @@ def load(
     """
     failures = [] if failures is None else failures
     root_p = Path(root)
+    engine.ds.checkpoint_engine.forget_manifests()  # read each tag's manifest afresh
     tags = [universal_tag] if universal_tag else [only_tag] if only_tag else candidates(root_p)
     for tag in tags:
         problem = None if universal_tag else verify(root_p / tag)
@@ -262,7 +269,17 @@ def load(
             continue
         rng = root_p / tag / f"rng_rank{dist.get_rank()}.pt"
         if not weights_only and not universal_tag and rng.is_file():
-            _set_rng_state(engine, torch.load(rng, weights_only=False))
+            try:
+                state = _load_rng(rng, Manifest(root_p / tag))
+            except checkpoint_format.CheckpointRefused as exc:
+                log.warning("checkpoint %s failed to load: %s", root_p / tag, exc)
+                failures.append(f"{root_p / tag}: failed to load: {exc}")
+                state = None
+            if not _agree(state is not None):
+                if state is not None:
+                    failures.append(f"{root_p / tag}: failed to load on another rank")
+                continue
+            _set_rng_state(engine, state)
         log.info("loaded checkpoint %s%s", root_p / tag, " (weights only)" if weights_only else "")
         return tag, client_state or {}
     return None

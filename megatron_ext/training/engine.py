@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from megatron_ext import checkpoint_format
 from megatron_ext.errors import UserError
 from megatron_ext.log import get_logger
 from megatron_ext.models.config import ModelConfig
@@ -271,5 +272,7 @@ def build_engine(cfg: RunConfig, model_config: ModelConfig, load_universal: bool
         lr_scheduler=scheduler,
         config=deepspeed_config(cfg, dp, load_universal),
     )
+    # checksums written with every file, checked before every load, weights-only unpickling
+    ds.checkpoint_engine = checkpoint_format.checkpoint_engine()
     apply_collective_timeout(cfg.train.collective_timeout_s)
     return Engine(ds, ctx, model_config, loss_fn, list(module.parts))

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from megatron_ext import checkpoint_format
 from megatron_ext.config import from_dict, read_yaml
 from megatron_ext.errors import UserError
 from megatron_ext.log import get_logger
@@ -112,21 +113,31 @@ def needs_universal(root: str, tp: int, pp: int, dp: int) -> str | None:
 
 
 def convert(root: str, tag: str) -> str:
-    """Rank 0 converts `tag` to `<tag>_universal` (once), all ranks wait. Returns the new tag."""
+    """Rank 0 converts `tag` to `<tag>_universal` (once), all ranks wait. Returns the new tag.
+
+    The source is checked first, every file against its manifest checksum, and DeepSpeed's
+    converter (which calls torch.load(weights_only=False)) runs with weights-only loads forced."""
     from deepspeed.checkpoint import ds_to_universal
 
     out = Path(root) / (tag + SUFFIX)
+    problem = None
     if dist.get_rank() == 0 and not (out / "zero").is_dir():
-        args = argparse.Namespace(
-            input_folder=str(Path(root) / tag),
-            output_folder=str(out),
-            num_extract_workers=1,
-            num_merge_workers=1,
-            keep_temp_folder=False,
-            strict=True,
-            inject_missing_state=False,
-        )
-        ds_to_universal.main(args)
-        checkpointing.write_latest(Path(root), out.name, "latest_universal")  # trap: not written
-    dist.barrier()
+        problem = checkpoint_format.verify_contents(Path(root) / tag)
+        if problem is None:
+            checkpoint_format.forbid_code_in_loads()
+            args = argparse.Namespace(
+                input_folder=str(Path(root) / tag),
+                output_folder=str(out),
+                num_extract_workers=1,
+                num_merge_workers=1,
+                keep_temp_folder=False,
+                strict=True,
+                inject_missing_state=False,
+            )
+            ds_to_universal.main(args)
+            checkpointing.write_latest(Path(root), out.name, "latest_universal")  # not written
+    box = [problem]
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        raise UserError(f"{Path(root) / tag}: not converted for the layout change: {box[0]}")
     return out.name
