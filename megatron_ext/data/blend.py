@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from megatron_ext.config import short
 from megatron_ext.data import index_helpers
 from megatron_ext.data.gpt_dataset import (
     INDEX_VERSION,
@@ -113,16 +114,19 @@ class BlendConfig:
     def from_yaml(cls, path: str | os.PathLike) -> BlendConfig:
         """A YAML list of `{path, weight | upsample, name, vocab_size}`; relative paths are
         resolved against the YAML file's directory."""
-        import yaml
+        from megatron_ext.config import MAX_YAML_BYTES, load_yaml
 
         path = os.fspath(path)
         try:
+            if os.path.getsize(path) > MAX_YAML_BYTES:
+                raise UserError(f"{path}: a blend file is at most {MAX_YAML_BYTES} bytes")
             with open(path, encoding="utf-8") as f:
-                entries = yaml.safe_load(f)
+                text = f.read()
         except OSError as exc:
             raise UserError(f"{path}: cannot read the blend file ({exc.strerror})") from None
-        except yaml.YAMLError as exc:
-            raise UserError(f"{path}: not valid YAML ({exc})") from None
+        except UnicodeDecodeError as exc:
+            raise UserError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        entries = load_yaml(text, f"{path} (blend)")
         if not isinstance(entries, list):
             raise UserError(
                 f"{path}: expected a YAML list of sources like '- {{path: P, weight: W}}'"
@@ -132,7 +136,7 @@ class BlendConfig:
         for i, entry in enumerate(entries):
             where = f"{path}: entry {i + 1}"
             if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
-                raise UserError(f"{where}: expected a mapping with a 'path' (got {entry!r})")
+                raise UserError(f"{where}: expected a mapping with a 'path' (got {short(entry)})")
             unknown = set(entry) - _KEYS
             if unknown:
                 raise UserError(
@@ -140,7 +144,7 @@ class BlendConfig:
                 )
             for key in ("weight", "upsample", "vocab_size"):
                 if isinstance(entry.get(key), bool):  # YAML true/false: float(True) is 1.0
-                    raise UserError(f"{where}: {key} must be a number, got {entry[key]!r}")
+                    raise UserError(f"{where}: {key} must be a number, got {short(entry[key])}")
             try:
                 sources.append(
                     BlendSource(

@@ -69,7 +69,7 @@ def test_yaml_forms(tmp_path, three):
         ("- {weight: 1}\n", "with a 'path'"),
         ("path: a\n", "YAML list"),
         ("- {path: a, weight: lots}\n", "must be numbers"),
-        ("[unclosed\n", "not valid YAML"),
+        ("[unclosed\n", "invalid YAML"),
         ("[]\n", "no sources"),
     ],
 )
