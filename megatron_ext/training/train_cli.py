@@ -26,6 +26,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nproc-per-node", type=int, default=None, help="spawn N local ranks")
     p.add_argument("--dry-run", action="store_true", help="print config, layout, memory; exit")
     p.add_argument(
+        "--device-memory-gb",
+        type=float,
+        default=None,
+        help="with --dry-run: memory of one rank's device on the machine the run will use "
+        "(default: this machine's GPU, or its RAM shared by the ranks of this node)",
+    )
+    p.add_argument(
         "--reset-progress",
         action="store_true",
         help="continued pretraining: load weights only (checkpoint.load), new schedule",
@@ -110,6 +117,47 @@ def dry_run_report(cfg: RunConfig, world_size: int) -> dict:
     }
 
 
+def machine_memory_per_rank(precision: str, ranks_per_node: int) -> tuple[float, str] | None:
+    """(GiB one rank may use, what that is) when the run would use this machine's devices: the
+    smallest GPU's memory; on a machine without GPUs, for an fp32 (CPU) run, the RAM divided
+    among the node's ranks. None for a bf16/fp16 run seen from a machine without GPUs (a login
+    node): its devices are elsewhere."""
+    import psutil
+    import torch
+
+    if torch.cuda.is_available():
+        sizes = [torch.cuda.get_device_properties(i) for i in range(torch.cuda.device_count())]
+        smallest = min(sizes, key=lambda d: d.total_memory)
+        return smallest.total_memory / 2**30, f"{smallest.name} memory"
+    if precision != "fp32":
+        return None
+    total = psutil.virtual_memory().total / 2**30
+    return total / max(1, ranks_per_node), f"{total:.1f} GiB RAM / {ranks_per_node} ranks"
+
+
+def _check_fits(report: dict, device_memory_gb: float | None, ranks_per_node: int) -> None:
+    """--dry-run refuses a layout whose memory estimate exceeds what one rank has."""
+    if device_memory_gb is not None:
+        have, what = device_memory_gb, "--device-memory-gb"
+    else:
+        precision = report["config"]["train"]["precision"]
+        found = machine_memory_per_rank(precision, ranks_per_node)
+        if found is None:
+            report["device_memory_gb"] = None  # give --device-memory-gb to check
+            return
+        have, what = found
+    worst = max(report["stages"], key=lambda st: st["memory_gb"])
+    report["device_memory_gb"] = round(have, 2)
+    if worst["memory_gb"] > have:
+        raise UserError(
+            f"pipeline stage {worst['stage']} needs about {worst['memory_gb']:.2f} GiB per rank "
+            f"(estimate), more than the {have:.2f} GiB one rank has ({what}): lower "
+            "data.seq_length or train.micro_batch_size, set train.activation_checkpointing, or "
+            "raise parallel.tp / parallel.pp. For a run on another machine, give its device "
+            "memory with --device-memory-gb (or see `megatron-ext plan`)"
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     if not (args.dry_run or args.nproc_per_node):  # this process is a rank: see stopping.py
         from megatron_ext.training.stopping import install_early_handlers
@@ -125,6 +173,8 @@ def run(args: argparse.Namespace) -> int:
             or (cfg.parallel.tp * cfg.parallel.pp)
         )
         report = dry_run_report(cfg, world)
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or args.nproc_per_node or world
+        _check_fits(report, args.device_memory_gb, local)
         print(dump_yaml(cfg), end="")
         print(report["partition"])
         print(

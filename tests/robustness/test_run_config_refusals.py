@@ -42,3 +42,14 @@ def test_no_processes_is_refused(capsys):
 
 def test_a_good_config_still_dry_runs(capsys):
     assert main([*BASE, "checkpoint.keep=0", "--dry-run"]) == 0
+
+
+def test_dry_run_refuses_what_does_not_fit_the_machine(capsys):
+    """A sequence length whose estimate exceeds one rank's memory (this machine's RAM for a CPU
+    run, or the stated device memory) used to dry-run fine and fail at the first step."""
+    assert main([*BASE, "data.seq_length=200000", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "pipeline stage 0 needs about" in err and "GiB RAM / 1 ranks" in err
+    assert main([*BASE, "--dry-run", "--device-memory-gb", "0.001"]) == 2
+    assert "more than the 0.00 GiB one rank has (--device-memory-gb)" in capsys.readouterr().err
+    assert main([*BASE, "--dry-run", "--device-memory-gb", "1"]) == 0
