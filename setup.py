@@ -117,6 +117,7 @@ setup(
     extras_require={
         "test": [
             "pytest>=8",
+            "ruff==0.17.6",  # lint + format, run by the test command before pytest
             "megatron-core==0.16.1",
             "transformers>=4.44",
             "mpi4py>=3.1",

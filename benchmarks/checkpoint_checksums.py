@@ -66,12 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     names = [f"layer_{i:02d}-model_00-model_states.pt" for i in range(args.files)]
 
     def save_plain():
-        for name, sd in zip(names, states):
+        for name, sd in zip(names, states, strict=True):
             torch.save(sd, work / "plain" / name)
 
     def save_ours():
         written = {name: checkpoint_format.save_file(sd, work / "ours" / name)
-                   for name, sd in zip(names, states)}  # fmt: skip
+                   for name, sd in zip(names, states, strict=True)}  # fmt: skip
         checkpoint_format.write_manifest(work / "ours", written)
 
     t_save_plain = _best(save_plain, args.repeats)
