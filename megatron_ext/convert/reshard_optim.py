@@ -117,16 +117,15 @@ def reshard_rank(work: Path, tag: str, output: Path, tp_size: int, pp_size: int)
     """One rank (the launcher set RANK etc.): build, load the universal checkpoint, save."""
     import torch.distributed as dist
 
-    from megatron_ext.config import from_dict, read_yaml
     from megatron_ext.models.config import resolve_model_config
     from megatron_ext.training import checkpointing, universal
     from megatron_ext.training import engine as engine_mod
-    from megatron_ext.training.config import RunConfig
+    from megatron_ext.training.config import saved_run_config
     from megatron_ext.training.launch import export_dist_env
 
     export_dist_env()
     config_path = work / tag / "config.yaml"
-    cfg = from_dict(RunConfig, read_yaml(config_path), where=str(config_path))
+    cfg = saved_run_config(config_path)
     engine_mod.init_distributed(cfg.train.collective_timeout_s)
     try:
         cfg.parallel.tp, cfg.parallel.pp = tp_size, pp_size

@@ -58,13 +58,6 @@ class TrainConfig:
     kill_switch_file: str | None = None
     max_nonfinite_steps: int = 5  # abort after this many non-finite losses in a row
     collective_timeout_s: float = 600.0
-    inject_nonfinite_steps: list[int] | None = None  # fault injection (tests): NaN loss at steps
-    inject_hang_step: int | None = None  # fault injection (tests): a rank stuck in this step...
-    inject_hang_rank: int = 0  # ...this rank sleeps forever in its first forward of the step
-    # fault injection (tests): a run that starts before this step stops training there and
-    # waits (all ranks polling the stop check) until a stop condition fires: lets a test
-    # have Slurm's own time-limit signal interrupt a run however fast the machine is
-    inject_hold_step: int | None = None
 
 
 @dataclass
@@ -248,3 +241,23 @@ def check_rampup(train: TrainConfig, dp_size: int) -> None:
             f"train.rampup_batch_size={ramp}: start and increment must be multiples of "
             f"micro_batch_size x dp = {train.micro_batch_size} x {dp_size} = {unit}"
         )
+
+
+# keys earlier versions wrote into every checkpoint's config.yaml and this one retired: the
+# fault-injection switches (now test hooks, training/hooks.py)
+RETIRED_KEYS = {
+    "train": ("inject_nonfinite_steps", "inject_hang_step", "inject_hang_rank", "inject_hold_step")
+}
+
+
+def saved_run_config(path: str | Path) -> RunConfig:
+    """The RunConfig a checkpoint saved (`<tag>/config.yaml`), read by this version (retired
+    keys dropped)."""
+    from megatron_ext.config import from_dict, read_yaml
+
+    data = read_yaml(path)
+    for section, keys in RETIRED_KEYS.items():
+        if isinstance(data.get(section), dict):
+            for key in keys:
+                data[section].pop(key, None)
+    return from_dict(RunConfig, data, where=str(path))

@@ -16,10 +16,9 @@ import math
 import sys
 from pathlib import Path
 
-from megatron_ext.config import from_dict, read_yaml
 from megatron_ext.errors import UserError
 from megatron_ext.log import get_logger
-from megatron_ext.training.config import RunConfig
+from megatron_ext.training.config import RunConfig, saved_run_config
 
 log = get_logger(__name__)
 
@@ -43,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _checkpoint_config(ckpt: Path, tag: str) -> RunConfig:
     """The run config saved in the checkpoint that will be evaluated (not `latest`'s)."""
     cfg_path = ckpt / tag / "config.yaml"
-    return from_dict(RunConfig, read_yaml(cfg_path), where=str(cfg_path))
+    return saved_run_config(cfg_path)
 
 
 def eval_config(args: argparse.Namespace, world_size: int, tag: str) -> RunConfig:

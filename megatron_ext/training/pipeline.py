@@ -15,11 +15,9 @@ non-pipeline `TransformerLM(seed=seed)` at every (tp, pp, dp) layout.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from deepspeed.pipe import LayerSpec, TiedLayerSpec
 from deepspeed.runtime.utils import partition_balanced, partition_uniform
 
@@ -68,35 +66,16 @@ def tied_logits(embedding: EmbeddingStage, hidden: torch.Tensor) -> torch.Tensor
 
 
 class LMLoss:
-    """Mean per-token cross entropy over the real vocabulary (all-reduces over TP in forward).
-
-    `poison` (fault injection for tests): when True the loss is multiplied by NaN.
-    """
+    """Mean per-token cross entropy over the real vocabulary (all-reduces over TP in forward)."""
 
     def __init__(self, ctx: ParallelContext, vocab_size: int) -> None:
-        self.ctx, self.vocab_size, self.poison = ctx, vocab_size, False
+        self.ctx, self.vocab_size = ctx, vocab_size
 
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         per_token = vocab_parallel_cross_entropy(
             logits, labels, self.ctx.tp_group, vocab_size=self.vocab_size
         )
-        loss = per_token.mean()
-        return loss * float("nan") if self.poison else loss
-
-
-class HangInjector:
-    """Fault injection (tests): while `armed`, this rank's next forward sleeps forever, so
-    its peers wait in a collective until train.collective_timeout_s (a stuck rank)."""
-
-    def __init__(self, module: torch.nn.Module) -> None:
-        self.armed = False
-        module.register_forward_pre_hook(self._hook)
-
-    def _hook(self, module, args) -> None:
-        if self.armed:
-            log.warning("fault injection: rank %d hangs here", dist.get_rank())
-            while True:
-                time.sleep(3600)
+        return per_token.mean()
 
 
 def layer_specs(config: ModelConfig, ctx: ParallelContext, seed: int | None) -> list:

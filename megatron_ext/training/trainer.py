@@ -20,9 +20,11 @@ from megatron_ext.log import get_logger
 from megatron_ext.models.config import resolve_model_config
 from megatron_ext.parallel.distributed import is_communication_failure
 from megatron_ext.training import checkpointing, flops, universal
+from megatron_ext.training import hooks as step_hooks
 from megatron_ext.training.config import RunConfig
 from megatron_ext.training.data import build_run_datasets, micro_batches
 from megatron_ext.training.engine import Engine, build_engine
+from megatron_ext.training.hooks import StepContext
 from megatron_ext.training.in_loop_eval import InLoopEval
 from megatron_ext.training.metrics import (
     MetricsWriter,
@@ -30,7 +32,6 @@ from megatron_ext.training.metrics import (
     peak_rss_mb,
     start_rss_tracking,
 )
-from megatron_ext.training.pipeline import HangInjector
 from megatron_ext.training.schedule import global_batch_size
 from megatron_ext.training.stopping import StopConditions
 
@@ -119,21 +120,17 @@ def _collectives_named(engine: Engine, step: int, phase: str):
 
 
 def _run_step(
-    engine: Engine, batches, stop: StopConditions, step: int, hold: bool = False
+    engine: Engine, batches, stop: StopConditions, step: int, hooks: list, run: StepContext
 ) -> tuple[str | None, float]:
-    """(stop reason, None) or (None, loss of one optimizer step over the global batch).
-    `hold` (fault injection): check the stop conditions every 0.2 s until one fires.
+    """(stop reason, None) or (None, loss of one optimizer step over the global batch), after
+    the step hooks' before_step.
 
     A hung or broken collective (a rank died) raises CollectiveError naming this rank's stage
     and the collective; any other error (a shape bug, an out-of-memory) keeps its traceback."""
     phase = "the stop-check all-reduce (all ranks agree whether to stop)"
     with _collectives_named(engine, step, phase):
-        if hold:
-            log.warning("fault injection: holding before step %d until a stop condition", step)
+        step_hooks.before_step(hooks, run)
         reason = _stop_reason(stop)
-        while hold and reason is None:
-            time.sleep(0.2)
-            reason = _stop_reason(stop)
     if reason is not None:
         return reason, float("nan")
     with _collectives_named(engine, step, "train_batch"):
@@ -242,23 +239,24 @@ def _save(engine: Engine, cfg: RunConfig, state: TrainState) -> None:
         )
 
 
-def train(cfg: RunConfig, stop: StopConditions | None = None) -> dict:
+def train(cfg: RunConfig, stop: StopConditions | None = None, hooks: list | None = None) -> dict:
     """Run (or resume) training; returns {"iteration", "stopped", "loss"}. Collective.
-    stop: conditions installed by the caller at process start (default: installed here)."""
+    stop: conditions installed by the caller at process start (default: installed here).
+    hooks: step hooks (training/hooks.py; default: those named in MEGATRON_EXT_HOOKS)."""
     run_lock = checkpointing.lock_run_dir(cfg.checkpoint.dir)  # before anything writes there
     own = stop is None
     if own:
         stop = StopConditions(cfg.train.exit_duration_in_mins, cfg.train.kill_switch_file)
         stop.install()
     try:
-        return _train(cfg, stop)
+        return _train(cfg, stop, step_hooks.from_env(cfg) if hooks is None else hooks)
     finally:
         if own:
             stop.uninstall()
         checkpointing.release_run_dir(run_lock)
 
 
-def _train(cfg: RunConfig, stop: StopConditions) -> dict:
+def _train(cfg: RunConfig, stop: StopConditions, hooks: list) -> dict:
     model_config = resolve_model_config(cfg.model)
     model_config.seq_length = cfg.data.seq_length
     baseline_rss_mb = start_rss_tracking()  # what the model, optimizer and steps add comes after
@@ -286,13 +284,7 @@ def _train(cfg: RunConfig, stop: StopConditions) -> dict:
         flops.hardware_flops_per_token(model_config, seq, recompute),
     )
     peak = flops.peak_tflops(c.device, cfg.logging.peak_tflops)
-    inject = set(cfg.train.inject_nonfinite_steps or [])
-    hang_step = cfg.train.inject_hang_step
-    hang = (
-        HangInjector(engine.module) if hang_step and c.rank == cfg.train.inject_hang_rank else None
-    )
-    hold_step = cfg.train.inject_hold_step
-    hold_step = hold_step if hold_step is not None and state.iteration < hold_step else None
+    run = StepContext(0, state.iteration, engine, cfg, lambda: _stop_reason(stop))
     result = {"iteration": state.iteration, "stopped": None, "loss": None}
     last_saved = state.iteration
     # the other ranks wait for rank 0's end-of-run eval wait in shutdown()'s barrier
@@ -300,18 +292,14 @@ def _train(cfg: RunConfig, stop: StopConditions) -> dict:
     task_eval = InLoopEval(cfg.eval, cfg.checkpoint.dir, c.rank == 0, max_wait_s=wait_cap)
     try:
         while state.iteration < cfg.train.iterations:
-            step = state.iteration + 1
-            engine.loss_fn.poison = step in inject
-            if hang is not None:
-                hang.armed = step == hang_step
+            step = run.step = state.iteration + 1
             gbs = global_batch_size(state.consumed_samples, cfg.train)  # ramp-up, if any
             if gbs != engine.ds.train_batch_size():
                 engine.ds.set_train_batch_size(gbs)  # more or fewer micro-batches per step
             tokens_per_step = gbs * cfg.data.seq_length
             lr = engine.lr()  # the scheduler moves on inside train_batch
             start = time.perf_counter()
-            hold = hold_step is not None and step == hold_step + 1
-            reason, loss = _run_step(engine, batches, stop, step, hold)
+            reason, loss = _run_step(engine, batches, stop, step, hooks, run)
             if reason is not None:
                 result["stopped"] = reason
                 break
@@ -350,6 +338,7 @@ def _train(cfg: RunConfig, stop: StopConditions) -> dict:
                         engine, valid_ds, cfg.logging.eval_iters, cfg.train.micro_batch_size, full
                     )
                 row["val_ppl"] = math.exp(min(row["val_loss"], 50.0))
+            step_hooks.after_step(hooks, run, row)
             if step % cfg.logging.interval == 0 or not finite:
                 metrics.write(row)
             result["loss"] = row["loss"]

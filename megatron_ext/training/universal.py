@@ -22,7 +22,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from megatron_ext import checkpoint_format
-from megatron_ext.config import from_dict, read_yaml
+from megatron_ext.config import read_yaml
 from megatron_ext.errors import UserError
 from megatron_ext.log import get_logger
 from megatron_ext.models.config import ModelConfig
@@ -73,10 +73,10 @@ def saved_layout(root: str) -> tuple[str, dict] | None:
     tags = checkpointing.candidates(Path(root))
     for tag in tags:
         if checkpointing.verify(Path(root) / tag) is None:
-            from megatron_ext.training.config import RunConfig
+            from megatron_ext.training.config import saved_run_config
 
             cfg_path = Path(root) / tag / "config.yaml"
-            cfg = from_dict(RunConfig, read_yaml(cfg_path), where=str(cfg_path))
+            cfg = saved_run_config(cfg_path)
             dp = sum(1 for _ in (Path(root) / tag).glob("rng_rank*.pt")) // (
                 cfg.parallel.tp * cfg.parallel.pp
             )

@@ -13,10 +13,10 @@ def test_a_second_run_on_the_same_directory_is_refused(fi_dataset, tmp_path):
     ckpt, stop_file = tmp_path / "ckpt", tmp_path / "stop"
     first = subprocess.Popen(
         train_cmd(
-            "bloom", fi_dataset, ckpt, "train.iterations=6", "train.inject_hold_step=2",
+            "bloom", fi_dataset, ckpt, "train.iterations=6",
             "checkpoint.interval=100", f"train.kill_switch_file={stop_file}",
         ),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env(),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env({"hold_step": 2}),
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 120

@@ -67,9 +67,9 @@ def test_ctrl_c_to_the_launcher_stops_the_ranks_after_the_step_and_saves(fi_data
     proc = subprocess.Popen(
         train_cmd(
             "bloom", fi_dataset, ckpt, "parallel.tp=2", "train.iterations=50",
-            "train.inject_hold_step=2", "checkpoint.interval=100", nproc=2,
+            "checkpoint.interval=100", nproc=2,
         ),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env(),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env({"hold_step": 2}),
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 120

@@ -60,13 +60,15 @@ class Jobs:
             subprocess.run(["scancel", *self.ids], capture_output=True, timeout=30)
 
 
-def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None):
+    """`megatron-ext ARGS` (a job it submits inherits ENV, as sbatch exports it by default)."""
     return subprocess.run(
         [sys.executable, "-m", "megatron_ext", *args],
         capture_output=True,
         text=True,
         timeout=60,
         cwd=cwd,
+        env=env,
     )
 
 

@@ -6,7 +6,7 @@ uninterrupted local run of the same config.
 Slurm's warning signal (`--time=1` minute, `--signal=USR1@30`) comes 21-27 s after the job starts
 on this cluster (slurmctld checks limits every 30 s), long after the tiny model would have
 finished; in that test the first job trains HOLD steps and then waits at the step boundary
-(`train.inject_hold_step`, a fault-injection knob: only a run that starts before HOLD waits) until
+(the `hold_step` fault of tests/training/faults.py, a step hook: only a run that starts before HOLD waits) until
 the signal makes it save and exit. The other tests send the signal themselves
 (`scancel --signal=USR1 JOB`, which reaches every task of the job's steps and not the batch shell,
 as `#SBATCH --signal=USR1@margin` does) once the trainer has logged a few steps, so they take
@@ -36,13 +36,13 @@ OVERRIDES = ["parallel.tp=2", f"train.iterations={ITERS}", "data.seq_length=128"
              "checkpoint.interval=1000", "logging.tensorboard=false", "logging.eval_interval=0"]  # fmt: skip
 
 
-def _submit(run_dir: Path, ckpt: Path, data: str, *extra: str) -> list[str]:
+def _submit(run_dir: Path, ckpt: Path, data: str, *extra: str, faults=None) -> list[str]:
     train_cmd = f"{sys.executable} -m megatron_ext train --config {{config}}"
     proc = run_cli(
         "slurm", "submit", "--profile", "local", "--nodes", "2",
         "--config", str(ROOT / "examples" / "tiny_bloom.yaml"), "--train-cmd", train_cmd,
         "-o", str(run_dir / "job.sbatch"), *extra,
-        f"data.path={data}", f"checkpoint.dir={ckpt}", *OVERRIDES,
+        f"data.path={data}", f"checkpoint.dir={ckpt}", *OVERRIDES, env=env(faults),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     return [json.loads(x)["job_id"] for x in (run_dir / "jobs.jsonl").read_text().splitlines()]
@@ -108,7 +108,7 @@ def test_slurm_time_limit_signal_saves_requeues_and_matches(tmp_path, jobs, fi_d
     """No signal from the test: Slurm's own `--signal=USR1@30` before a one-minute limit."""
     run_dir, ckpt = tmp_path / "run", tmp_path / "ckpt"
     limit = ["--time", "00:01:00", "--signal-margin", "30"]
-    ids = _submit(run_dir, ckpt, fi_dataset, *limit, f"train.inject_hold_step={HOLD}")
+    ids = _submit(run_dir, ckpt, fi_dataset, *limit, faults={"hold_step": HOLD})
     jobs.add(*ids)
     jobs.wait(timeout=260)
     ends = [e for e in events(run_dir) if e["event"] == "end"]

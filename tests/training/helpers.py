@@ -22,17 +22,21 @@ def train_cmd(family: str, data: str, ckpt, *overrides: str, nproc: int | None =
     return cmd + (["--nproc-per-node", str(nproc)] if nproc else [])
 
 
-def env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+def env(faults: dict | None = None) -> dict:
+    """The environment of a run; `faults` injects them through a step hook (faults.py)."""
+    from tests.training.faults import env_vars
+
+    extra = env_vars(faults) if faults else {}
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **extra}
 
 
-def run_train(family, data, ckpt, *overrides, nproc=None, timeout=300, check=True):
+def run_train(family, data, ckpt, *overrides, nproc=None, timeout=300, check=True, faults=None):
     proc = subprocess.run(
         train_cmd(family, data, ckpt, *overrides, nproc=nproc),
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=env(),
+        env=env(faults),
     )
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]

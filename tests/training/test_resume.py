@@ -134,7 +134,7 @@ def test_nonfinite_loss_is_skipped_then_aborts(fi_dataset, tmp_path):
         ckpt,
         "train.iterations=6",
         "checkpoint.interval=100",
-        "train.inject_nonfinite_steps=[3]",
+        faults={"nonfinite_steps": [3]},
     )
     rows = {r["step"]: r for r in metrics(ckpt)}
     assert rows[3]["skipped"] and rows[3]["loss"] is None
@@ -147,9 +147,9 @@ def test_nonfinite_loss_is_skipped_then_aborts(fi_dataset, tmp_path):
         ckpt,
         "train.iterations=10",
         "checkpoint.interval=2",
-        "train.inject_nonfinite_steps=[3,4,5]",
         "train.max_nonfinite_steps=3",
         check=False,
+        faults={"nonfinite_steps": [3, 4, 5]},
     )
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert "3 non-finite losses in a row" in proc.stderr
@@ -231,11 +231,10 @@ def test_stuck_rank_times_out_naming_stage_and_collective(layout, collective, fi
         "train.iterations=6",
         "checkpoint.interval=2",
         "train.collective_timeout_s=10",
-        "train.inject_hang_step=3",
-        "train.inject_hang_rank=1",
         nproc=2,
     )
-    proc = subprocess.run(cmd, env=env(), text=True, capture_output=True, timeout=240)
+    faults = {"hang_step": 3, "hang_rank": 1}
+    proc = subprocess.run(cmd, env=env(faults), text=True, capture_output=True, timeout=240)
     err = proc.stderr
     assert proc.returncode == 4, err[-3000:]
     assert "fault injection: rank 1 hangs here" in err

@@ -1,0 +1,70 @@
+"""Fault injection for the tests, as a step hook (megatron_ext/training/hooks.py): a run started
+with `env(faults={...})` (tests/training/helpers.py) loads it through MEGATRON_EXT_HOOKS.
+
+faults (JSON in MEGATRON_EXT_FAULTS):
+    nonfinite_steps: [3, 4]   the loss of these steps is multiplied by NaN
+    hang_step, hang_rank      that rank sleeps forever in its first forward of that step, so its
+                              peers wait in a collective until train.collective_timeout_s
+    hold_step: N              a run that starts before step N stops there, all ranks polling the
+                              agreed stop check every 0.2 s until a stop condition fires (a test
+                              can then have Slurm's own time-limit signal interrupt it, however
+                              fast the machine is)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import torch.distributed as dist
+
+from megatron_ext.log import get_logger
+
+log = get_logger(__name__)
+
+ENV = "MEGATRON_EXT_FAULTS"
+
+
+def env_vars(faults: dict) -> dict:
+    return {"MEGATRON_EXT_HOOKS": "tests.training.faults:from_env", ENV: json.dumps(faults)}
+
+
+def from_env(cfg) -> Faults | None:
+    raw = os.environ.get(ENV)
+    return Faults(**json.loads(raw)) if raw else None
+
+
+class Faults:
+    def __init__(self, nonfinite_steps=(), hang_step=None, hang_rank=0, hold_step=None):
+        self.nonfinite_steps = set(nonfinite_steps)
+        self.hang_step, self.hang_rank, self.hold_step = hang_step, hang_rank, hold_step
+        self.poison = False
+        self.installed = False
+
+    def _install(self, engine) -> None:
+        module = engine.ds.module  # DeepSpeed's PipelineModule: calls module.loss_fn
+        loss_fn = module.loss_fn
+        module.loss_fn = lambda out, labels: (
+            loss_fn(out, labels) * (float("nan") if self.poison else 1.0)
+        )
+        if self.hang_step is not None and dist.get_rank() == self.hang_rank:
+            module.register_forward_pre_hook(self._maybe_hang)
+        self.installed = True
+
+    def _maybe_hang(self, module, args) -> None:
+        if self.step == self.hang_step:
+            log.warning("fault injection: rank %d hangs here", dist.get_rank())
+            while True:
+                time.sleep(3600)
+
+    def before_step(self, run) -> None:
+        if not self.installed:
+            self._install(run.engine)
+        self.step = run.step
+        self.poison = run.step in self.nonfinite_steps
+        hold = self.hold_step
+        if hold is not None and run.start_iteration < hold and run.step == hold + 1:
+            log.warning("fault injection: holding before step %d until a stop condition", run.step)
+            while run.agree_to_stop() is None:
+                time.sleep(0.2)
