@@ -105,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
                 tokenizer=str(tok_dir),
                 workers=args.workers,
                 append_eod=True,
+                overwrite=True,  # a step left unfinished by an earlier quickstart is redone
             )
         )
         print(summary.format())
@@ -113,8 +114,8 @@ def run(args: argparse.Namespace) -> int:
     ckpt = run_dir / "train"
 
     def train_step() -> dict:
-        from megatron_ext.training.launch import spawn_local
         from megatron_ext.training.metrics import plot_loss_curve, read_metrics
+        from megatron_ext.training.ranks import spawn_local
 
         base = train_overrides(prefix, ckpt, args.vocab_size, args.train_steps)
         for leg, steps in enumerate((args.train_steps // 2, args.train_steps), start=1):

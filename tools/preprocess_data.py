@@ -84,6 +84,7 @@ def main(argv=None) -> int:
                         json_key=key,
                         workers=args.workers,
                         append_eod=args.append_eod,
+                        overwrite=True,  # as Megatron-LM's tool: the output is replaced
                     )
                 )
                 if summary is not None:

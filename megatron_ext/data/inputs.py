@@ -20,11 +20,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_ext.errors import UserError
+from megatron_ext.log import get_logger
+
+log = get_logger(__name__)
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 TXT_SUFFIXES = (".txt",)
 COMPRESSED = (".gz", ".zst")
 TXT_MODES = ("file", "blank-line")
+# One record is parsed and tokenized whole; a tokenizer needs ~100x its size in memory.
+DEFAULT_MAX_RECORD_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,7 @@ class Chunk:
     first_line: int  # 1-based line number of data[0]
     data: bytes
     disk_bytes: int  # bytes of the (possibly compressed) file consumed, for progress
+    oversized: int = 0  # a record over the size limit: its length; `data` is then empty
 
 
 def input_kind(path: str | os.PathLike) -> str | None:
@@ -66,12 +72,7 @@ def expand_inputs(specs: list[str]) -> list[str]:
                 raise UserError(f"{spec}: the pattern matches no file")
             files += matches
         elif os.path.isdir(spec):
-            found = sorted(
-                os.path.join(root, name)
-                for root, _, names in os.walk(spec)
-                for name in names
-                if input_kind(name)
-            )
+            found = walk_inputs(spec)
             if not found:
                 raise UserError(
                     f"{spec}: directory holds no .jsonl/.json/.txt input (optionally .gz/.zst)"
@@ -93,6 +94,33 @@ def expand_inputs(specs: list[str]) -> list[str]:
             seen.add(key)
             unique.append(f)
     return unique
+
+
+def walk_inputs(top: str) -> list[str]:
+    """Input files under directory `top`, sorted, following symlinked directories.
+
+    Each real directory is read once: a symlink loop, or a directory reached through two
+    paths, is read under the first path met (walking in sorted order) and logged.
+    """
+    found: list[str] = []
+    seen: set[str] = set()
+
+    def unreadable(exc: OSError) -> None:
+        raise UserError(
+            f"{exc.filename}: cannot list directory ({exc.strerror or exc}); "
+            "fix its permissions or leave it out of --input"
+        )
+
+    for root, dirs, names in os.walk(top, onerror=unreadable, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            log.warning("%s: directory %s was already read; not reading it again", root, real)
+            dirs.clear()
+            continue
+        seen.add(real)
+        dirs.sort()
+        found += (os.path.join(root, name) for name in names if input_kind(name))
+    return sorted(found)
 
 
 class _Counting(io.RawIOBase):
@@ -151,48 +179,110 @@ def check_inputs(paths: list[str]) -> int:
 
 
 def iter_chunks(
-    paths: list[str], chunk_bytes: int = 1 << 20, txt_mode: str = "file"
+    paths: list[str],
+    chunk_bytes: int = 1 << 20,
+    txt_mode: str = "file",
+    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
 ) -> Iterator[Chunk]:
-    """Yield chunks of whole records from the files in order."""
+    """Yield chunks of whole records from the files in order.
+
+    A record longer than `max_record_bytes` is never held whole: it is read past and stands for
+    itself as a chunk with no data and `oversized` set to its length (its line is kept). At
+    most `max_record_bytes + chunk_bytes` bytes of a file are held at a time.
+    """
     if txt_mode not in TXT_MODES:
         raise UserError(f"unknown txt mode {txt_mode!r}; choose one of {', '.join(TXT_MODES)}")
     index = 0
     for path in paths:
-        kind = input_kind(path)
         stream, raw = open_input(path)
         with stream:
             try:
-                if kind == "txt" and txt_mode == "file":
-                    yield Chunk(index, path, "txt-file", 1, stream.read(), raw.count)
+                limits = (chunk_bytes, max_record_bytes)
+                chunk_kind, pieces = _pieces(path, stream, raw, txt_mode, *limits)
+                for first_line, data, disk_bytes, oversized in pieces:
+                    yield Chunk(index, path, chunk_kind, first_line, data, disk_bytes, oversized)
                     index += 1
-                    continue
-                sep = b"\n" if kind == "jsonl" else b"\n\n"
-                chunk_kind = "jsonl" if kind == "jsonl" else "txt-blocks"
-                line, carry, last_count = 1, b"", 0
-                while True:
-                    block = stream.read(chunk_bytes)
-                    data = carry + block
-                    if not block:
-                        if data:
-                            yield Chunk(index, path, chunk_kind, line, data, raw.count - last_count)
-                            index += 1
-                        break
-                    cut = data.rfind(sep)
-                    if cut < 0:
-                        carry = data
-                        continue
-                    cut += len(sep)
-                    piece, carry = data[:cut], data[cut:]
-                    yield Chunk(index, path, chunk_kind, line, piece, raw.count - last_count)
-                    last_count = raw.count
-                    index += 1
-                    line += piece.count(b"\n")
             except (OSError, EOFError) as exc:
                 raise UserError(f"{path}: read failed ({exc}); is the file truncated?") from None
             except UserError:
                 raise
             except Exception as exc:  # zstandard's ZstdError
                 raise UserError(f"{path}: read failed ({exc}); is the file truncated?") from None
+
+
+def _pieces(path: str, stream, raw: _Counting, txt_mode: str, chunk_bytes: int, max_bytes: int):
+    """The chunk kind of `path` and its pieces: (first line, data, disk bytes, oversized)."""
+    kind = input_kind(path)
+    if kind == "txt" and txt_mode == "file":
+        return "txt-file", _whole_file(stream, raw, max_bytes)
+    if kind == "jsonl":
+        return "jsonl", _RecordSplitter(stream, raw, b"\n", chunk_bytes, max_bytes).pieces()
+    return "txt-blocks", _RecordSplitter(stream, raw, b"\n\n", chunk_bytes, max_bytes).pieces()
+
+
+def _whole_file(stream, raw: _Counting, max_bytes: int):
+    """The one piece of a one-document .txt file: (line, data, disk bytes, oversized)."""
+    parts, size = [], 0
+    while size <= max_bytes and (block := stream.read(max_bytes + 1 - size)):
+        parts.append(block)
+        size += len(block)
+    if size <= max_bytes:
+        return [(1, b"".join(parts), raw.count, 0)]
+    del parts
+    while block := stream.read(1 << 20):  # only its length is needed
+        size += len(block)
+    return [(1, b"", raw.count, size)]
+
+
+class _RecordSplitter:
+    """Cuts a stream into pieces of whole records separated by `sep`, with bounded memory."""
+
+    def __init__(self, stream, raw: _Counting, sep: bytes, chunk_bytes: int, max_record: int):
+        self.stream, self.raw, self.sep = stream, raw, sep
+        self.chunk_bytes, self.max_record = chunk_bytes, max_record
+        self.line, self.counted = 1, 0
+
+    def _disk_bytes(self) -> int:
+        n, self.counted = self.raw.count - self.counted, self.raw.count
+        return n
+
+    def pieces(self):
+        """Yield (first line, data, disk bytes, oversized length or 0)."""
+        carry = b""
+        while True:
+            block = self.stream.read(self.chunk_bytes)
+            data = carry + block
+            if not block:
+                if data:
+                    yield self.line, data, self._disk_bytes(), 0
+                return
+            cut = data.rfind(self.sep)
+            if cut >= 0:
+                cut += len(self.sep)
+                piece, carry = data[:cut], data[cut:]
+                yield self.line, piece, self._disk_bytes(), 0
+                self.line += piece.count(b"\n")
+            elif len(data) > self.max_record:  # one record, already too long: read past it
+                size, newlines, carry = self._skip_record(data)
+                yield self.line, b"", self._disk_bytes(), size
+                self.line += newlines
+            else:
+                carry = data
+
+    def _skip_record(self, data: bytes) -> tuple[int, int, bytes]:
+        """Read past the record starting at data[0]: (its length, its newlines, what follows)."""
+        size, newlines, keep = 0, 0, len(self.sep) - 1  # keep: a separator may straddle reads
+        while True:
+            cut = data.find(self.sep)
+            if cut >= 0:
+                newlines += data.count(b"\n", 0, cut + len(self.sep))
+                return size + cut, newlines, data[cut + len(self.sep) :]
+            head = len(data) - keep if len(data) > keep else 0
+            size, newlines = size + head, newlines + data.count(b"\n", 0, head)
+            block = self.stream.read(self.chunk_bytes)
+            if not block:
+                return size + len(data) - head, newlines + data.count(b"\n", head), b""
+            data = data[head:] + block
 
 
 def split_contiguous(paths: list[str], num_parts: int) -> list[list[str]]:

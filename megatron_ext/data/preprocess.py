@@ -3,8 +3,9 @@
 Pipeline: the main process cuts the inputs into chunks of whole records (~1 MB), a pool of
 worker processes parses and tokenizes them and sends back tokens packed in the output dtype,
 and the main process streams them, in input order, through the C++ writer. At most
-`2 x workers` chunks are in flight, so memory does not grow with the corpus. The output
-depends only on the inputs and the tokenizer, never on the worker count.
+`2 x workers` chunks are in flight, so memory does not grow with the corpus, and a record is
+held whole only up to `max_record_bytes`. The output depends only on the inputs and the
+tokenizer, never on the worker count. Workers exit when the main process dies, even by SIGKILL.
 
 Under MPI (`mpirun`/`srun --mpi=pmix` with mpi4py), the input files are split into contiguous
 groups, one per rank; each rank writes a shard and rank 0 concatenates the shards in order,
@@ -31,6 +32,9 @@ from megatron_ext.data.indexed_dataset import (
     optimal_dtype,
 )
 from megatron_ext.data.records import (
+    MAX_EXAMPLES,
+    MAX_OTHER_KEYS,
+    ChunkResult,
     RecordOptions,
     init_worker,
     process_chunk,
@@ -57,6 +61,16 @@ class PreprocessConfig:
     progress: bool | None = None  # None: only on a terminal
     tokenizer_threads: int = 1  # threads inside each worker's tokenizer
     mpi: str = "auto"  # "auto": use MPI when launched by mpirun/srun with >1 rank; "off"
+    overwrite: bool = False  # replace an existing PREFIX.bin/.idx (else refuse to start)
+    max_record_bytes: int = inputs_mod.DEFAULT_MAX_RECORD_BYTES  # longer records are bad records
+
+
+# skip reasons of records that do have the --json-key field
+_KEY_SEEN_REASONS = {"non-string value", "empty document", "cannot be tokenized"}
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
 
 @dataclass
@@ -69,14 +83,14 @@ class PreprocessSummary:
     bytes_out: int = 0
     skipped: Counter = field(default_factory=Counter)
     examples: list[str] = field(default_factory=list)
+    other_keys: Counter = field(default_factory=Counter)  # keys of records lacking --json-key
     seconds: float = 0.0
     dtype: str = ""
 
     def merge(self, other: PreprocessSummary) -> None:
         for name in ("files", "documents", "tokens", "bytes_in", "text_bytes"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
-        self.skipped.update(other.skipped)
-        self.examples += other.examples[: max(0, 5 - len(self.examples))]
+        self.add_skipped(other)
 
     def format(self) -> str:
         secs = max(self.seconds, 1e-9)
@@ -93,6 +107,38 @@ class PreprocessSummary:
             lines += [f"  {e}" for e in self.examples]
         return "\n".join(lines)
 
+    def add_skipped(self, other: PreprocessSummary | ChunkResult) -> None:
+        self.skipped.update(other.skipped)
+        self.examples += other.examples[: max(0, MAX_EXAMPLES - len(self.examples))]
+        if len(self.other_keys) < MAX_OTHER_KEYS:
+            self.other_keys.update(other.other_keys)
+
+    def no_documents_error(self, files: list[str], json_key: str) -> UserError:
+        """Why no document was usable: skipped records by reason, a --json-key that no record has."""
+        where = f"no usable documents in {', '.join(files)}; nothing written"
+        if not self.skipped:
+            return UserError(f"{where}: the inputs hold no records (empty files?)")
+        total = sum(self.skipped.values())
+        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items()))
+        parts = [f"{where}: {_plural(total, 'record')} skipped ({reasons})"]
+        if self.skipped["missing key"]:
+            parts.append(self._missing_key_hint(json_key))
+        parts.append("first: " + "; ".join(self.examples[:3]))
+        return UserError("; ".join(parts))
+
+    def _missing_key_hint(self, json_key: str) -> str:
+        keys = ", ".join(repr(k[:40]) for k, _ in self.other_keys.most_common(10)) or "none"
+        if not self.skipped.keys() & _KEY_SEEN_REASONS:
+            return (
+                f"no record has the key {json_key!r} (--json-key); the records have keys {keys}: "
+                "pass --json-key with the one that holds the text"
+            )
+        n = self.skipped["missing key"]
+        verb = "lack" if n > 1 else "lacks"
+        return (
+            f"{_plural(n, 'record')} {verb} the key {json_key!r} (--json-key); their keys: {keys}"
+        )
+
 
 class _Terminated(Exception):
     pass
@@ -102,8 +148,23 @@ def _on_sigterm(signum, frame):
     raise _Terminated(f"signal {signum}")
 
 
-def check_output_prefix(prefix: str) -> None:
-    """Create the output directory and make sure we can write there, before any work."""
+def check_output_prefix(prefix: str, overwrite: bool = False) -> None:
+    """Create the output directory and make sure we can write there, before any work.
+
+    An existing `PREFIX.bin` or `.idx` is refused unless `overwrite` (then the run replaces it
+    at the end, by rename, so a failed run leaves it as it was).
+    """
+    if os.path.basename(prefix) in ("", ".", ".."):  # "out/" would write a hidden out/.bin
+        raise UserError(
+            f"--output-prefix {prefix!r}: the output prefix needs a file name part after the "
+            "last '/' (e.g. data/fi_text writes data/fi_text.bin and data/fi_text.idx)"
+        )
+    for path in (data_file_path(prefix), index_file_path(prefix)):
+        if os.path.exists(path) and not overwrite:
+            raise UserError(
+                f"{path} already exists; pass --overwrite to replace it, "
+                "or choose another --output-prefix"
+            )
     out_dir = Path(prefix).resolve().parent
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -114,16 +175,36 @@ def check_output_prefix(prefix: str) -> None:
         raise UserError(
             f"{out_dir}: output directory cannot be written ({exc.strerror or exc})"
         ) from None
-    if Path(prefix).name in ("", ".", ".."):
-        raise UserError(f"{prefix!r}: the output prefix needs a file name part (e.g. data/fi_text)")
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, e.g. under Slurm or taskset)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _check_workers(workers: int) -> None:
+    if workers < 1:
+        raise UserError(f"--workers must be at least 1 (got {workers})")
+    cpus = available_cpus()
+    if workers > cpus:
+        log.warning(
+            "--workers %d is more than the %s this process may use: workers compete for them "
+            "and the run gets slower, not faster; use --workers %d or fewer",
+            workers,
+            _plural(cpus, "CPU"),
+            cpus,
+        )
 
 
 def _prepare(cfg: PreprocessConfig):
     """Everything that can fail on bad input, before any work: returns (files, tokenizer, opts)."""
     from megatron_ext.data.tokenizer import load_tokenizer
 
-    if cfg.workers < 1:
-        raise UserError(f"--workers must be at least 1 (got {cfg.workers})")
+    _check_workers(cfg.workers)
+    if cfg.max_record_bytes < 1:
+        raise UserError(f"--max-record-bytes must be at least 1 (got {cfg.max_record_bytes})")
     if cfg.txt_mode not in inputs_mod.TXT_MODES:
         raise UserError(f"unknown --txt-mode {cfg.txt_mode!r}; choose file or blank-line")
     files = inputs_mod.expand_inputs(cfg.inputs)
@@ -131,13 +212,14 @@ def _prepare(cfg: PreprocessConfig):
     tokenizer = load_tokenizer(cfg.tokenizer, cfg.eod_token)
     if cfg.append_eod and tokenizer.eod_id is None:
         raise UserError(f"{cfg.tokenizer}: no end-of-document token found; pass --eod-token")
-    check_output_prefix(cfg.output_prefix)
+    check_output_prefix(cfg.output_prefix, cfg.overwrite)
     dtype = optimal_dtype(tokenizer.vocab_size)
     opts = RecordOptions(
         json_key=cfg.json_key,
         strict=cfg.strict,
         eod=tokenizer.eod_id if cfg.append_eod else None,
         dtype_code=CODE_OF_DTYPE[dtype],
+        max_record_bytes=cfg.max_record_bytes,
     )
     return files, tokenizer, opts, dtype
 
@@ -162,7 +244,7 @@ def _write(cfg, files, tokenizer, opts, dtype, prefix: str, allow_empty: bool) -
             cfg.workers,
             mp_context=mp.get_context("spawn"),
             initializer=init_worker,
-            initargs=(cfg.tokenizer, cfg.eod_token, opts, cfg.tokenizer_threads),
+            initargs=(cfg.tokenizer, cfg.eod_token, opts, cfg.tokenizer_threads, os.getpid()),
         )
     old_handler = signal.signal(signal.SIGTERM, _on_sigterm)
     bar = _progress_bar(cfg, total)
@@ -179,8 +261,7 @@ def _write(cfg, files, tokenizer, opts, dtype, prefix: str, allow_empty: bool) -
                 summary.tokens += int(res.lengths.sum(dtype="int64"))
                 summary.bytes_in += res.disk_bytes
                 summary.text_bytes += res.text_bytes
-                summary.skipped.update(res.skipped)
-                summary.examples += res.examples[: max(0, 5 - len(summary.examples))]
+                summary.add_skipped(res)
                 bar.update(res.disk_bytes)
                 elapsed = max(time.perf_counter() - start, 1e-9)
                 bar.set_postfix(
@@ -188,7 +269,9 @@ def _write(cfg, files, tokenizer, opts, dtype, prefix: str, allow_empty: bool) -
                     tok_s=f"{summary.tokens / elapsed:,.0f}",
                 )
 
-            chunks = inputs_mod.iter_chunks(files, cfg.chunk_bytes, cfg.txt_mode)
+            chunks = inputs_mod.iter_chunks(
+                files, cfg.chunk_bytes, cfg.txt_mode, cfg.max_record_bytes
+            )
             if executor is None:
                 for chunk in chunks:
                     consume(process_chunk(chunk, tokenizer, opts))
@@ -201,7 +284,7 @@ def _write(cfg, files, tokenizer, opts, dtype, prefix: str, allow_empty: bool) -
                 while inflight:
                     consume(inflight.popleft().result())
             if summary.documents == 0 and not allow_empty:
-                raise UserError(f"no usable documents in {', '.join(files)}; nothing written")
+                raise summary.no_documents_error(files, cfg.json_key)
             builder.finalize()
     except _Terminated as exc:
         raise UserError(f"preprocessing stopped by {exc}; no output written") from None
@@ -279,7 +362,7 @@ def _preprocess_mpi(cfg: PreprocessConfig, comm) -> PreprocessSummary:
                 for s in summaries:
                     total.merge(s)
                 if total.documents == 0:
-                    raise UserError(f"no usable documents in {', '.join(files)}; nothing written")
+                    raise total.no_documents_error(files, cfg.json_key)
                 builder.finalize()
             total.seconds = time.perf_counter() - start
             total.bytes_out = os.path.getsize(data_file_path(cfg.output_prefix)) + os.path.getsize(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from megatron_ext.data.inputs import DEFAULT_MAX_RECORD_BYTES
 from megatron_ext.data.preprocess import PreprocessConfig, preprocess
 
 
@@ -16,6 +17,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help=".jsonl/.json/.txt files (optionally .gz/.zst), directories or globs",
     )
     p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an existing PREFIX.bin/PREFIX.idx"
+    )
     p.add_argument(
         "--tokenizer",
         required=True,
@@ -36,6 +40,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="file",
         help=".txt inputs: one document per file (default) or per blank-line-separated block",
     )
+    p.add_argument(
+        "--max-record-bytes",
+        type=int,
+        default=DEFAULT_MAX_RECORD_BYTES,
+        metavar="N",
+        help="a longer record (JSON line, .txt block or file) is a bad record: skipped and "
+        f"counted, or an error with --strict (default: {DEFAULT_MAX_RECORD_BYTES >> 20} MiB)",
+    )
     p.add_argument("--chunk-mb", type=float, default=1.0, help="work unit size in MB (default: 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-mpi", action="store_true", help="ignore an MPI launcher")
@@ -55,6 +67,8 @@ def config_from_args(args: argparse.Namespace) -> PreprocessConfig:
         chunk_bytes=max(1, int(args.chunk_mb * (1 << 20))),
         progress=False if args.no_progress else None,
         mpi="off" if args.no_mpi else "auto",
+        overwrite=args.overwrite,
+        max_record_bytes=args.max_record_bytes,
     )
 
 

@@ -6,17 +6,25 @@ counted by reason, or, in strict mode, stops the chunk with `file:line: reason`.
 
 from __future__ import annotations
 
+import ctypes
+import itertools
 import json
 import os
 import re
+import signal
+import sys
+import threading
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from megatron_ext.data.inputs import Chunk
+from megatron_ext.data.inputs import DEFAULT_MAX_RECORD_BYTES, Chunk
 
 MAX_EXAMPLES = 5
+MAX_OTHER_KEYS = 100  # distinct keys remembered from records that lack the JSON key
+_KEYS_PER_RECORD = 20
 _BLANK_LINE = re.compile(rb"\n[ \t\r]*\n")
 
 
@@ -30,6 +38,7 @@ class ChunkResult:
     text_bytes: int = 0
     skipped: Counter = field(default_factory=Counter)
     examples: list[str] = field(default_factory=list)
+    other_keys: Counter = field(default_factory=Counter)  # keys of records lacking the key
     fatal: str | None = None
 
 
@@ -39,12 +48,19 @@ class RecordOptions:
     strict: bool = False
     eod: int | None = None  # appended to every document when not None
     dtype_code: int = 4
+    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES
 
 
 class _BadRecord(Exception):
-    def __init__(self, reason: str, detail: str):
+    def __init__(self, reason: str, detail: str, keys: tuple[str, ...] = ()):
         super().__init__(detail)
-        self.reason, self.detail = reason, detail
+        self.reason, self.detail, self.keys = reason, detail, keys
+
+
+def _too_large(size: int, limit: int) -> _BadRecord:
+    return _BadRecord(
+        "record too large", f"record of {size:,} bytes is over --max-record-bytes ({limit:,})"
+    )
 
 
 def _parse_json_line(line: bytes, key: str) -> str:
@@ -61,7 +77,8 @@ def _parse_json_line(line: bytes, key: str) -> str:
     if not isinstance(obj, dict):
         raise _BadRecord("not a JSON object", f"expected a JSON object, got {type(obj).__name__}")
     if key not in obj:
-        raise _BadRecord("missing key", f"missing key {key!r}")
+        keys = tuple(itertools.islice(obj, _KEYS_PER_RECORD))
+        raise _BadRecord("missing key", f"missing key {key!r}", keys)
     value = obj[key]
     if not isinstance(value, str):
         raise _BadRecord(
@@ -72,12 +89,20 @@ def _parse_json_line(line: bytes, key: str) -> str:
     return value
 
 
-def iter_records(chunk: Chunk, key: str):
-    """Yield (line number, text or _BadRecord) for each record of the chunk."""
+def iter_records(chunk: Chunk, key: str, max_bytes: int = DEFAULT_MAX_RECORD_BYTES):
+    """Yield (line number, text or _BadRecord) for each record of the chunk.
+
+    A record over `max_bytes` is a _BadRecord, never parsed (a tokenizer needs ~100x its size).
+    """
+    if chunk.oversized:
+        yield chunk.first_line, _too_large(chunk.oversized, max_bytes)
+        return
     if chunk.kind == "jsonl":
         line_no = chunk.first_line
         for line in chunk.data.split(b"\n"):
-            if line.strip():
+            if len(line) > max_bytes:
+                yield line_no, _too_large(len(line), max_bytes)
+            elif line.strip():
                 try:
                     yield line_no, _parse_json_line(line, key)
                 except _BadRecord as bad:
@@ -100,6 +125,9 @@ def iter_records(chunk: Chunk, key: str):
             continue
         # a block starts at its first non-blank line
         line_no += raw[: len(raw) - len(raw.lstrip())].count(b"\n")
+        if len(raw) > max_bytes:
+            yield line_no, _too_large(len(raw), max_bytes)
+            continue
         try:
             yield line_no, raw.decode("utf-8").strip("\r\n")
         except UnicodeDecodeError as exc:
@@ -134,10 +162,12 @@ def process_chunk(chunk: Chunk, tokenizer, opts: RecordOptions) -> ChunkResult:
         result.skipped[bad.reason] += 1
         if len(result.examples) < MAX_EXAMPLES:
             result.examples.append(where)
+        if len(result.other_keys) < MAX_OTHER_KEYS:
+            result.other_keys.update(bad.keys)
         return False
 
     lines, texts = [], []
-    for line_no, rec in iter_records(chunk, opts.json_key):
+    for line_no, rec in iter_records(chunk, opts.json_key, opts.max_record_bytes):
         if isinstance(rec, _BadRecord):
             if skip(line_no, rec):
                 return result
@@ -166,11 +196,13 @@ def process_chunk(chunk: Chunk, tokenizer, opts: RecordOptions) -> ChunkResult:
 
 # --- worker process state (one tokenizer per process) ---
 _WORKER: dict = {}
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def init_worker(
-    tokenizer_path: str, eod_token: str | None, opts: RecordOptions, threads: int
+    tokenizer_path: str, eod_token: str | None, opts: RecordOptions, threads: int, parent_pid: int
 ) -> None:
+    exit_with_parent(parent_pid)
     # Workers are the parallelism: keep the tokenizer's own thread pool to `threads`.
     os.environ["RAYON_NUM_THREADS"] = str(threads)
     os.environ["TOKENIZERS_PARALLELISM"] = "true" if threads > 1 else "false"
@@ -182,3 +214,39 @@ def init_worker(
 
 def worker_process_chunk(chunk: Chunk) -> ChunkResult:
     return process_chunk(chunk, _WORKER["tokenizer"], _WORKER["opts"])
+
+
+def exit_with_parent(parent_pid: int) -> None:
+    """End this worker when the main process `parent_pid` dies, even by SIGKILL.
+
+    An orphaned worker would otherwise wait forever on its task queue (it holds the queue's
+    write end itself). Linux: the kernel sends SIGKILL on the parent's death (PR_SET_PDEATHSIG;
+    strictly, when the thread that started the worker ends: the pool starts its workers from
+    the thread that runs `preprocess`, which outlives them). Elsewhere a daemon thread polls the
+    parent's id.
+    """
+    if not _set_parent_death_signal(signal.SIGKILL):
+        _watch_parent(parent_pid)
+    elif os.getppid() != parent_pid:  # the parent died before the signal was armed
+        os._exit(1)
+
+
+def _set_parent_death_signal(sig: int) -> bool:
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return False
+    return prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+
+
+def _watch_parent(parent_pid: int, poll_s: float = 1.0) -> None:
+    """Exit this process (from a daemon thread) once its parent is no longer `parent_pid`."""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()

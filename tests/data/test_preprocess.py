@@ -199,6 +199,7 @@ def test_bad_record_strict_fails_without_output(tmp_path, bpe_tokenizer_dir, cas
         "--strict",
         "--workers",
         "2",
+        "--overwrite",
     )
     assert proc.returncode == 2
     assert f"{src}:3: {BAD_RECORDS[case][1]}" in proc.stderr
