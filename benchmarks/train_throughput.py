@@ -112,7 +112,7 @@ def _ddp_worker(rank: int, world: int, port: int, data: str, steps: int, out: st
 def ddp(data: str, steps: int) -> float:
     import torch.multiprocessing as mp
 
-    from megatron_ext.training.launch import free_port
+    from megatron_ext.training.ranks import free_port
 
     os.environ["OMP_NUM_THREADS"] = "1"
     with tempfile.TemporaryDirectory() as tmp:

@@ -10,7 +10,7 @@ Rank wiring: the script exports MASTER_ADDR (first host of the allocation) and M
 the job id, so jobs sharing a node do not collide) in the batch shell, and each task exports
 RANK / LOCAL_RANK / WORLD_SIZE / LOCAL_WORLD_SIZE / NODE_RANK from SLURM_PROCID / SLURM_LOCALID /
 SLURM_NTASKS / SLURM_NTASKS_PER_NODE / SLURM_NODEID in a small `bash -c` wrapper before exec'ing
-the trainer, so the trainer sees torchrun-style variables (`megatron_ext.launch.slurm_env` reads
+the trainer, so the trainer sees torchrun-style variables (`megatron_ext.parallel.rank_env` reads
 either).
 """
 
@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from megatron_ext.errors import UserError
+from megatron_ext.launch.job import Job
 from megatron_ext.launch.profiles import ClusterProfile
 from megatron_ext.launch.run_config import (
     check_for_trainer,
@@ -51,36 +52,6 @@ class RenderOptions:
     output: Path | None = None  # None: print the script; the run dir is then run_dir or cwd
     run_dir: Path | None = None
     requeue: bool | None = None  # None: the profile's choice; chains and arrays pass False
-
-
-@dataclass
-class Job:
-    profile: ClusterProfile
-    nodes: int
-    tasks_per_node: int
-    gpus_per_node: int
-    world_size: int
-    tp: int
-    pp: int
-    dp: int
-    iterations: int
-    checkpoint_dir: str
-    time: str
-    time_s: int
-    signal_margin_s: int
-    account: str | None
-    partition: str | None
-    container: str | None
-    launcher: str
-    requeue: bool
-    job_name: str
-    run_dir: Path
-    script_path: Path | None
-    config_source: Path
-    resolved_config: dict
-    resolved_config_path: Path  # where the job reads its config
-    train_argv: list[str]
-    workdir: Path
 
 
 _TIME = re.compile(r"^(?:(\d+)-)?(\d+):(\d{1,2}):(\d{1,2})$")

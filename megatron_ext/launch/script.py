@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import shlex
 import time
-from typing import TYPE_CHECKING
 
+from megatron_ext.launch.job import Job
 from megatron_ext.launch.profiles import Setting
-
-if TYPE_CHECKING:
-    from megatron_ext.launch.render import Job
 
 
 def _q(value: object) -> str:

@@ -21,7 +21,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from megatron_ext.errors import UserError
-from megatron_ext.launch.render import Job, write_job
+from megatron_ext.launch.job import Job
+from megatron_ext.launch.render import write_job
 
 CHAIN_MODES = ("dependency", "array")
 Runner = Callable[[Sequence[str]], str]

@@ -48,7 +48,7 @@ def init_distributed(timeout_s: float, accelerator: str | None = "auto") -> torc
     """Bind this rank's GPU, create the default process group with a device map (gloo for
     CPU tensors, NCCL/RCCL for GPU tensors; see megatron_ext.parallel.distributed) and a
     collective timeout, then DeepSpeed's comm layer on top of it; returns this rank's device.
-    Reads RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* (see megatron_ext.training.launch)."""
+    Reads RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* (see megatron_ext.training.ranks)."""
     import deepspeed
 
     # Trap: the first init JIT-compiles a shared-memory comm op (36-73 s on 2 cores).

@@ -73,7 +73,7 @@ def evaluate_here(args: argparse.Namespace) -> dict:
     from megatron_ext.models.config import resolve_model_config
     from megatron_ext.training import checkpointing
     from megatron_ext.training import engine as engine_mod
-    from megatron_ext.training.launch import export_dist_env
+    from megatron_ext.training.ranks import export_dist_env
     from megatron_ext.training.trainer import evaluate_loss
 
     tag = checkpointing.newest_complete(Path(args.checkpoint))
@@ -115,7 +115,7 @@ def evaluate_here(args: argparse.Namespace) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     if args.nproc_per_node:
-        from megatron_ext.training.launch import spawn_local
+        from megatron_ext.training.ranks import spawn_local
 
         argv = [
             "evaluate",

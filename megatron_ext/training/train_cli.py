@@ -184,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
         )
         return 0
     if args.nproc_per_node:
-        from megatron_ext.training.launch import spawn_local
+        from megatron_ext.training.ranks import spawn_local
 
         argv = ["train", *(["--config", args.config] if args.config else []), *args.overrides]
         if args.reset_progress:
@@ -202,7 +202,7 @@ def run(args: argparse.Namespace) -> int:
 def train_here(cfg: RunConfig) -> int:
     """This process is one rank of the run (the launcher set the environment)."""
     from megatron_ext.training import engine as engine_mod
-    from megatron_ext.training.launch import export_dist_env
+    from megatron_ext.training.ranks import export_dist_env
     from megatron_ext.training.stopping import StopConditions
     from megatron_ext.training.trainer import CollectiveError, NonFiniteLossError, train
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from megatron_ext.launch.run_config import get, load_run_config  # noqa: E402
-from megatron_ext.launch.slurm_env import dist_env  # noqa: E402
+from megatron_ext.parallel.rank_env import dist_env  # noqa: E402
 
 
 def main() -> int:

@@ -13,7 +13,7 @@ import time
 import psutil
 import pytest
 
-from megatron_ext.training.launch import free_port
+from megatron_ext.training.ranks import free_port
 from tests.training.helpers import env, logged_steps, losses, run_train, train_cmd
 
 pytestmark = pytest.mark.distributed

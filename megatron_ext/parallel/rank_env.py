@@ -1,7 +1,7 @@
 """Where this process sits in a job: rank, world size, master address, from the launcher's env.
 
 Dependency-free on purpose (standard library only): the trainer imports it before torch is set up,
-and job scripts can call `python -m megatron_ext.launch.slurm_env` to print the values.
+and job scripts can call `python -m megatron_ext.parallel.rank_env` to print the values.
 
 Sources, first match wins:
 - torchrun-style variables (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`), as

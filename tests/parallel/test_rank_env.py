@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from megatron_ext.launch.slurm_env import dist_env, expand_nodelist
+from megatron_ext.parallel.rank_env import dist_env, expand_nodelist
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,7 @@
 
 Launchers: torchrun and the `deepspeed` launcher (RANK/WORLD_SIZE/MASTER_*), Slurm `srun`
 (SLURM_PROCID, master = first host of the node list), `mpirun` / `srun --mpi=pmix`
-(OMPI_COMM_WORLD_RANK / PMIX_RANK): megatron_ext.launch.slurm_env decides, and we export the
+(OMPI_COMM_WORLD_RANK / PMIX_RANK): megatron_ext.parallel.rank_env decides, and we export the
 torchrun-style variables so torch.distributed's env:// rendezvous works under all of them.
 The `deepspeed` launcher works on a CPU-only host too (`deepspeed --num_gpus N --module
 megatron_ext train ...`: DeepSpeed picks its CPU accelerator, `--num_gpus` is the number of local
@@ -18,8 +18,8 @@ import subprocess
 import sys
 import time
 
-from megatron_ext.launch.slurm_env import dist_env
 from megatron_ext.log import get_logger
+from megatron_ext.parallel.rank_env import dist_env
 from megatron_ext.training.stopping import INTERRUPT_AGAIN_S
 
 log = get_logger(__name__)
