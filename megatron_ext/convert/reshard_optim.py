@@ -86,7 +86,7 @@ def reshard_with_optimizer(
 ) -> Path:
     """Spawn tp_size * pp_size local ranks that rewrite the checkpoint at the new layout.
     Returns the new tag directory."""
-    from megatron_ext.training.launch import spawn_local
+    from megatron_ext.training.ranks import spawn_local
 
     ckpt = open_checkpoint(checkpoint, iteration)
     _check_layout(ckpt, tp_size, pp_size)
@@ -121,7 +121,7 @@ def reshard_rank(work: Path, tag: str, output: Path, tp_size: int, pp_size: int)
     from megatron_ext.training import checkpointing, universal
     from megatron_ext.training import engine as engine_mod
     from megatron_ext.training.config import saved_run_config
-    from megatron_ext.training.launch import export_dist_env
+    from megatron_ext.training.ranks import export_dist_env
 
     export_dist_env()
     config_path = work / tag / "config.yaml"
