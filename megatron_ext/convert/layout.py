@@ -23,7 +23,8 @@ import torch
 from megatron_ext.config import dump_yaml, read_yaml
 from megatron_ext.convert.safetensors_io import TensorSpec, load_weights_only
 from megatron_ext.errors import UserError
-from megatron_ext.models.config import ModelConfig, resolve_model_config
+from megatron_ext.models.config import ModelConfig
+from megatron_ext.models.presets import resolve_model_config
 
 
 @dataclass(frozen=True)

@@ -117,7 +117,7 @@ def reshard_rank(work: Path, tag: str, output: Path, tp_size: int, pp_size: int)
     """One rank (the launcher set RANK etc.): build, load the universal checkpoint, save."""
     import torch.distributed as dist
 
-    from megatron_ext.models.config import resolve_model_config
+    from megatron_ext.models.presets import resolve_model_config
     from megatron_ext.training import checkpointing, universal
     from megatron_ext.training import engine as engine_mod
     from megatron_ext.training.config import saved_run_config

@@ -25,6 +25,7 @@ from torch import nn
 from megatron_ext import ops
 from megatron_ext.models.config import ModelConfig
 from megatron_ext.models.core_attention import core_attention, resolve_backend
+from megatron_ext.models.partition import qkv_local_shape, qkv_partition
 from megatron_ext.parallel.context import ParallelContext
 from megatron_ext.parallel.tensor_parallel import (
     ColumnParallelLinear,
@@ -44,33 +45,6 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
         extra = torch.arange(1, 1 + 2 * min(closest, num_heads - closest), 2, dtype=torch.int32)
         slopes = torch.cat([slopes, torch.pow(torch.tensor(extra_base), extra)])
     return slopes.float()
-
-
-def qkv_local_shape(config: ModelConfig, tp_size: int) -> tuple[int, int]:
-    """(nkv_l, g_l): kv groups on this rank and query heads per local group."""
-    nkv = config.num_kv_heads
-    nkv_l = nkv // tp_size if nkv % tp_size == 0 else 1
-    return nkv_l, config.num_attention_heads // tp_size // nkv_l
-
-
-def qkv_partition(config: ModelConfig):
-    """Partition of the fused QKV rows: (tp_rank, tp_size) -> row indices of the full weight."""
-    nkv, hn = config.num_kv_heads, config.head_dim
-    g = config.num_attention_heads // nkv
-
-    def rows(tp_rank: int, tp_size: int) -> torch.Tensor | slice:
-        config.check_tp(tp_size)
-        per_group = (g + 2) * hn
-        if nkv % tp_size == 0:
-            n = nkv // tp_size * per_group
-            return slice(tp_rank * n, (tp_rank + 1) * n)
-        rep = tp_size // nkv  # ranks sharing one kv group
-        group, sub = divmod(tp_rank, rep)
-        g_l, base = g // rep, group * per_group
-        q = torch.arange(base + sub * g_l * hn, base + (sub + 1) * g_l * hn)
-        return torch.cat([q, torch.arange(base + g * hn, base + (g + 2) * hn)])
-
-    return rows
 
 
 class _SumReplicatedKV(torch.autograd.Function):

@@ -1,7 +1,7 @@
 """ModelConfig: the shape and recipe of a decoder-only transformer, loadable from YAML.
 
 A config is either written out field by field or starts from a preset
-(`{"preset": "fingpt-186m", "seq_length": 1024}`, see `resolve_model_config`). YAML round trip
+(`{"preset": "fingpt-186m", "seq_length": 1024}`, see `presets.resolve_model_config`). YAML round trip
 and dotted overrides (`hidden_size=96`) go through `megatron_ext.config`.
 """
 
@@ -127,13 +127,6 @@ class ModelConfig:
     def save_yaml(self, path: str | Path) -> None:
         config_io.dump_yaml(self, path)
 
-    @classmethod
-    def load_yaml(cls, path: str | Path, overrides: list[str] = ()) -> ModelConfig:
-        """A YAML file of fields (or `preset:` plus fields), then dotted overrides."""
-        data = config_io.read_yaml(path)
-        config_io.apply_overrides(data, list(overrides), where=str(path))
-        return resolve_model_config(data, where=str(path))
-
     def with_overrides(self, overrides: list[str]) -> ModelConfig:
         """A copy with `field=value` overrides applied (values parsed as YAML)."""
         data = config_io.apply_overrides(self.to_dict(), list(overrides))
@@ -141,32 +134,3 @@ class ModelConfig:
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
-
-
-def resolve_model_config(
-    spec: str | dict[str, Any] | ModelConfig, where: str = "model"
-) -> ModelConfig:
-    """A preset name, a dict of fields with an optional "preset" key, or a ModelConfig."""
-    from megatron_ext.models.presets import get_preset
-
-    if isinstance(spec, ModelConfig):
-        return spec
-    if isinstance(spec, str):
-        return get_preset(spec)
-    data = dict(spec)
-    preset = data.pop("preset", None)
-    if preset is None:
-        return ModelConfig.from_dict(data, where)
-    preset_config = get_preset(preset)
-    base = preset_config.to_dict()
-    # Fields the preset left at their derived value are derived again from the new shape.
-    derived = ModelConfig(
-        hidden_size=preset_config.hidden_size,
-        num_attention_heads=preset_config.num_attention_heads,
-        activation=preset_config.activation,
-    )
-    for name in ("ffn_hidden_size", "num_kv_heads"):
-        if getattr(preset_config, name) == getattr(derived, name):
-            base.pop(name)
-    base.update(data)
-    return ModelConfig.from_dict(base, f"{where} (preset {preset})")

@@ -12,9 +12,9 @@ import json
 from pathlib import Path
 
 from megatron_ext import config as config_io
-from megatron_ext.models.config import ModelConfig, resolve_model_config
+from megatron_ext.models.config import ModelConfig
 from megatron_ext.models.model import count_parameters
-from megatron_ext.models.presets import PRESETS
+from megatron_ext.models.presets import PRESETS, load_model_yaml, resolve_model_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def load_model_config(model: str, overrides: list[str] = ()) -> ModelConfig:
     """A preset name or a YAML path, then `field=value` overrides."""
     if Path(model).suffix in (".yaml", ".yml") or Path(model).is_file():
-        return ModelConfig.load_yaml(model, list(overrides))
+        return load_model_yaml(model, list(overrides))
     data = config_io.apply_overrides({"preset": model}, list(overrides))
     return resolve_model_config(data)  # derived fields (FFN size, kv heads) follow the overrides
 

@@ -24,9 +24,8 @@ from dataclasses import dataclass, field
 import torch
 
 from megatron_ext.errors import UserError
-from megatron_ext.models.attention import qkv_partition
 from megatron_ext.models.config import ModelConfig
-from megatron_ext.models.transformer import glu_partition
+from megatron_ext.models.partition import glu_partition, qkv_partition
 
 
 @dataclass(frozen=True)

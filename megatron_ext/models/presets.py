@@ -6,6 +6,10 @@ tests and demos.
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
+from megatron_ext import config as config_io
 from megatron_ext.errors import UserError
 from megatron_ext.models import bloom, llama
 from megatron_ext.models.config import ModelConfig
@@ -39,3 +43,37 @@ def get_preset(name: str) -> ModelConfig:
         )
     family, shape = PRESETS[name]
     return ModelConfig(**{**FAMILIES[family].recipe, **shape})
+
+
+def resolve_model_config(
+    spec: str | dict[str, Any] | ModelConfig, where: str = "model"
+) -> ModelConfig:
+    """A preset name, a dict of fields with an optional "preset" key, or a ModelConfig."""
+    if isinstance(spec, ModelConfig):
+        return spec
+    if isinstance(spec, str):
+        return get_preset(spec)
+    data = dict(spec)
+    preset = data.pop("preset", None)
+    if preset is None:
+        return ModelConfig.from_dict(data, where)
+    preset_config = get_preset(preset)
+    base = preset_config.to_dict()
+    # Fields the preset left at their derived value are derived again from the new shape.
+    derived = ModelConfig(
+        hidden_size=preset_config.hidden_size,
+        num_attention_heads=preset_config.num_attention_heads,
+        activation=preset_config.activation,
+    )
+    for name in ("ffn_hidden_size", "num_kv_heads"):
+        if getattr(preset_config, name) == getattr(derived, name):
+            base.pop(name)
+    base.update(data)
+    return ModelConfig.from_dict(base, f"{where} (preset {preset})")
+
+
+def load_model_yaml(path: str | Path, overrides: list[str] = ()) -> ModelConfig:
+    """A YAML file of ModelConfig fields (or `preset:` plus fields), then dotted overrides."""
+    data = config_io.read_yaml(path)
+    config_io.apply_overrides(data, list(overrides), where=str(path))
+    return resolve_model_config(data, where=str(path))

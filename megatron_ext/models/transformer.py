@@ -28,6 +28,7 @@ from torch import nn
 from megatron_ext import ops
 from megatron_ext.models.attention import SelfAttention
 from megatron_ext.models.config import ModelConfig
+from megatron_ext.models.partition import glu_partition
 from megatron_ext.parallel.context import ParallelContext
 from megatron_ext.parallel.tensor_parallel import (
     ColumnParallelLinear,
@@ -85,17 +86,6 @@ def _real_rows_init(config: ModelConfig):
         init(full[: config.vocab_size])
 
     return fill
-
-
-def glu_partition(ffn: int):
-    """Rows of the fused [gate; up] weight [2f, h] held by a rank: its gate chunk and up chunk."""
-
-    def rows(tp_rank: int, tp_size: int) -> torch.Tensor:
-        n = ffn // tp_size
-        gate = torch.arange(tp_rank * n, (tp_rank + 1) * n)
-        return torch.cat([gate, gate + ffn])
-
-    return rows
 
 
 class MLP(nn.Module):

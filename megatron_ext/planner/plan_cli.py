@@ -42,9 +42,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _model(spec: str, seq_length: int | None):
-    from megatron_ext.models.config import ModelConfig, resolve_model_config
+    from megatron_ext.models.presets import load_model_yaml, resolve_model_config
 
-    model = ModelConfig.load_yaml(spec) if Path(spec).is_file() else resolve_model_config(spec)
+    model = load_model_yaml(spec) if Path(spec).is_file() else resolve_model_config(spec)
     return model.replace(seq_length=seq_length) if seq_length else model
 
 

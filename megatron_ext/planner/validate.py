@@ -42,7 +42,7 @@ def estimate_for_run(
 ) -> MemoryEstimate:
     """The estimate for a run config (a dict as in RUN.yaml) on `world_size` ranks: of pipeline
     stage `stage`, or of the most loaded one."""
-    from megatron_ext.models.config import resolve_model_config
+    from megatron_ext.models.presets import resolve_model_config
     from megatron_ext.training.config import DataConfig, ParallelConfig, TrainConfig
 
     def get(section: str, key: str, default):

@@ -70,7 +70,7 @@ def evaluate_here(args: argparse.Namespace) -> dict:
     import torch.distributed as dist
 
     from megatron_ext.data.blend import build_datasets
-    from megatron_ext.models.config import resolve_model_config
+    from megatron_ext.models.presets import resolve_model_config
     from megatron_ext.training import checkpointing
     from megatron_ext.training import engine as engine_mod
     from megatron_ext.training.ranks import export_dist_env

@@ -63,7 +63,7 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
     if args.kill_switch_file is not None:
         cfg.train.kill_switch_file = args.kill_switch_file
     cfg.validate()
-    from megatron_ext.models.config import resolve_model_config
+    from megatron_ext.models.presets import resolve_model_config
 
     layers = resolve_model_config(cfg.model).num_layers
     if cfg.parallel.pp > layers:
@@ -76,8 +76,8 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
 
 def dry_run_report(cfg: RunConfig, world_size: int) -> dict:
     """Resolved config, layout, parameters per stage and a memory estimate (no processes)."""
-    from megatron_ext.models.config import resolve_model_config
     from megatron_ext.models.model import count_parameters
+    from megatron_ext.models.presets import resolve_model_config
     from megatron_ext.planner.memory import Layout, estimate_stages
     from megatron_ext.training.pipeline import partition_report
 

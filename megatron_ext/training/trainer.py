@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from megatron_ext.errors import UserError
 from megatron_ext.log import get_logger
-from megatron_ext.models.config import resolve_model_config
+from megatron_ext.models.presets import resolve_model_config
 from megatron_ext.parallel.distributed import is_communication_failure
 from megatron_ext.training import checkpointing, flops, universal
 from megatron_ext.training import hooks as step_hooks

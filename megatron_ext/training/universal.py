@@ -85,7 +85,7 @@ def saved_layout(root: str) -> tuple[str, dict] | None:
 
 
 def saved_num_kv_heads(root: str, tag: str) -> int:
-    from megatron_ext.models.config import resolve_model_config
+    from megatron_ext.models.presets import resolve_model_config
 
     data = read_yaml(Path(root) / tag / "config.yaml")
     return resolve_model_config(data["model"]).num_kv_heads

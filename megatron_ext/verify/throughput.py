@@ -55,7 +55,7 @@ S6_DRY = ThroughputPlan("tiny-llama", 64, (4,), 2, 3, 1, "fp32", ("model.attenti
 def model_config(plan: ThroughputPlan) -> ModelConfig:
     """The ModelConfig the trainer will build from the plan's model.* overrides."""
     from megatron_ext.config import apply_overrides
-    from megatron_ext.models.config import resolve_model_config
+    from megatron_ext.models.presets import resolve_model_config
 
     data = {"model": {"preset": plan.preset}}
     apply_overrides(data, [o for o in plan.overrides if o.startswith("model.")])

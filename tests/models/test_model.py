@@ -22,6 +22,7 @@ from megatron_ext.models import (
     resolve_model_config,
 )
 from megatron_ext.models.keymap import KeyMapEntry, hf_to_ours, merge_to_hf
+from megatron_ext.models.presets import load_model_yaml
 from megatron_ext.parallel import ParallelContext, allreduce_tp_duplicated_grads
 from megatron_ext.parallel.tensor_parallel import gather_vocab_parallel_logits
 from tests.distributed_utils import run_distributed_test
@@ -31,12 +32,12 @@ def test_yaml_round_trip_and_overrides(tmp_path):
     config = get_preset("tiny-llama")
     path = tmp_path / "model.yaml"
     config.save_yaml(path)
-    assert ModelConfig.load_yaml(path) == config
-    changed = ModelConfig.load_yaml(path, ["num_layers=3", "rope_theta=5e5"])
+    assert load_model_yaml(path) == config
+    changed = load_model_yaml(path, ["num_layers=3", "rope_theta=5e5"])
     assert changed.num_layers == 3 and changed.rope_theta == 500000.0
     assert config.with_overrides(["bias=true"]).bias is True
     path.write_text("preset: fingpt-186m\nseq_length: 1024\n")
-    assert ModelConfig.load_yaml(path) == get_preset("fingpt-186m").replace(seq_length=1024)
+    assert load_model_yaml(path) == get_preset("fingpt-186m").replace(seq_length=1024)
     assert resolve_model_config({"preset": "tiny", "hidden_size": 96}).ffn_hidden_size == 384
     assert resolve_model_config("tiny") == get_preset("tiny")
 

@@ -42,7 +42,7 @@ def _masks(rank, world_size, tmp):
     import torch.nn.functional as F
 
     from megatron_ext.config import from_dict
-    from megatron_ext.models.config import resolve_model_config
+    from megatron_ext.models.presets import resolve_model_config
     from megatron_ext.training.config import RunConfig
     from megatron_ext.training.engine import build_engine, init_distributed
 

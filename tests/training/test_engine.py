@@ -35,7 +35,7 @@ def _config(tmp: str):
 def _traps(rank, world_size, tmp):
     import deepspeed
 
-    from megatron_ext.models.config import resolve_model_config
+    from megatron_ext.models.presets import resolve_model_config
     from megatron_ext.training import checkpointing
     from megatron_ext.training.engine import build_engine, init_distributed
     from megatron_ext.training.pipeline import TIED_KEY

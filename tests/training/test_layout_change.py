@@ -65,7 +65,7 @@ def test_tp_change_with_other_vocab_padding(family, tp_before, tp_after, fi_data
     (their logits are masked out of the loss, so their gradients are zero)."""
     import torch
 
-    from megatron_ext.models.config import resolve_model_config
+    from megatron_ext.models.presets import resolve_model_config
 
     divisible = "model.make_vocab_size_divisible_by=96"
     model = resolve_model_config(
