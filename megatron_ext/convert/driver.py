@@ -12,19 +12,22 @@ and its HF parts (a few tensors). Tensors keep their dtype, so a round trip is b
     export_hf(checkpoint, output, ...)             -> a trainer checkpoint (any tp, pp) as a
                                                       HF model directory (trainer_ckpt.py reads it)
     hf_to_pipeline_checkpoint(hf_dir, out, tp, pp) -> a trainer checkpoint for --reset-progress
+
+Both directions check every tensor's shape against the config (config.json, config.yaml)
+before writing anything (shapes.py); tokenizer files go through hf_tokenizer.py.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
 
 from megatron_ext.config import dump_yaml
-from megatron_ext.convert import layout
+from megatron_ext.convert import layout, shapes
+from megatron_ext.convert.hf_tokenizer import special_token_ids, write_tokenizer_files
 from megatron_ext.convert.safetensors_io import (
     HFCheckpoint,
     ShardedSafetensorsWriter,
@@ -42,12 +45,10 @@ log = get_logger(__name__)
 
 GetHF = Callable[[str], torch.Tensor]
 GetShard = Callable[[int, str], torch.Tensor]
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-    "vocab.json", "merges.txt", "tokenizer.model", "spiece.model",
+HF_SIZE_KEYS = (  # config.json sizes under the names HF configs use for them
+    "vocab_size", "hidden_size", "n_embed", "n_layer", "num_hidden_layers", "n_head",
+    "num_attention_heads", "num_key_value_heads", "intermediate_size", "max_position_embeddings",
 )  # fmt: skip
-
-
 DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -59,29 +60,9 @@ def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     return DTYPE_NAMES[dtype]
 
 
-def special_token_ids(tokenizer_dir: str | Path | None) -> dict[str, int]:
-    """bos/eos/pad ids of a tokenizer directory (tokenizer_config.json names the tokens,
-    tokenizer.json gives their ids); {} when it does not say."""
-    if tokenizer_dir is None:
-        return {}
-    d = Path(tokenizer_dir)
-    try:
-        names = json.loads((d / "tokenizer_config.json").read_text())
-        added = json.loads((d / "tokenizer.json").read_text()).get("added_tokens", [])
-    except (OSError, ValueError):
-        return {}
-    id_of = {t.get("content"): t.get("id") for t in added}
-    out = {}
-    for key in ("bos", "eos", "pad"):
-        token = names.get(f"{key}_token")
-        token = token.get("content") if isinstance(token, dict) else token
-        if id_of.get(token) is not None:
-            out[f"{key}_token_id"] = int(id_of[token])
-    return out
-
-
 def family_of(hf_config: dict, where: str) -> ModelFamily:
-    arch = (hf_config.get("architectures") or [None])[0]
+    archs = hf_config.get("architectures")
+    arch = archs[0] if isinstance(archs, list) and archs else None
     for family in FAMILIES.values():
         if family.hf_architecture == arch or family.name == hf_config.get("model_type"):
             return family
@@ -93,9 +74,33 @@ def read_hf_config(hf_dir: str | Path) -> tuple[ModelFamily, ModelConfig]:
     path = Path(hf_dir) / "config.json"
     if not path.is_file():
         raise UserError(f"{path} is missing; give a Hugging Face model directory")
-    hf_config = json.loads(path.read_text())
+    try:
+        hf_config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: not readable JSON ({str(exc)[:200]}); fix it") from None
+    if not isinstance(hf_config, dict):
+        raise UserError(f"{path}: not a JSON object (a Hugging Face model config)")
     family = family_of(hf_config, str(path))
-    return family, family.from_hf_config(hf_config)
+    bad = [k for k in HF_SIZE_KEYS if hf_config.get(k) is not None]
+    bad = [k for k in bad if type(hf_config[k]) is not int]
+    if bad:
+        raise UserError(f"{path}: {bad[0]} is {hf_config[bad[0]]!r:.50}, not an integer")
+    try:
+        return family, family.from_hf_config(hf_config)
+    except UserError as exc:
+        raise UserError(f"{path}: {exc}") from None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UserError(
+            f"{path}: missing or invalid field for {family.hf_architecture} ({exc!r:.200})"
+        ) from None
+
+
+def read_hf_input(hf_dir: str | Path) -> tuple[ModelFamily, ModelConfig, HFCheckpoint]:
+    """config.json and the weights of a HF dir, every tensor's shape checked against it."""
+    family, config = read_hf_config(hf_dir)
+    ckpt = HFCheckpoint(hf_dir)
+    shapes.check_hf_tensors(ckpt, family, config, Path(hf_dir) / "config.json")
+    return family, config, ckpt
 
 
 def entries_by_layer(
@@ -165,7 +170,7 @@ def hf_reader(ckpt: HFCheckpoint, family: ModelFamily) -> GetHF:
     def get(name: str) -> torch.Tensor:
         if name not in ckpt:
             raise UserError(
-                f"{ckpt.directory}: no tensor {name}; is it a {family.hf_architecture} "
+                f"{ckpt.source}: no tensor {name}; is it a {family.hf_architecture} "
                 "checkpoint matching its config.json?"
             )
         return ckpt.get(name)
@@ -177,11 +182,11 @@ def hf_to_stage_state_dicts(
     hf_dir: str | Path, tp_size: int, pp_size: int
 ) -> dict[tuple[int, int], dict[str, torch.Tensor]]:
     """In memory: {(tp_rank, pp_rank): our state dict of that stage} (small models, tests)."""
-    family, config = read_hf_config(hf_dir)
+    family, config, ckpt = read_hf_input(hf_dir)
     stage_of = {
         i: s for s, layers in enumerate(layout.stage_layers(config, pp_size)) for i in layers
     }
-    get = hf_reader(HFCheckpoint(hf_dir), family)
+    get = hf_reader(ckpt, family)
     out: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
     for layer, tp_rank, state in iter_from_hf(get, family, config, tp_size):
         out.setdefault((tp_rank, stage_of[layer.index]), {}).update(state)
@@ -202,8 +207,8 @@ def hf_to_pipeline_checkpoint(
     (layer, tp rank) shard in memory at a time. Returns the tag directory."""
     from megatron_ext.convert.trainer_ckpt import write_checkpoint
 
-    family, config = read_hf_config(hf_dir)
-    get = hf_reader(HFCheckpoint(hf_dir), family)
+    family, config, ckpt = read_hf_input(hf_dir)
+    get = hf_reader(ckpt, family)
     shards = iter_from_hf(get, family, config, tp_size)
     return write_checkpoint(out_root, shards, config, tp_size, pp_size, dtype=dtype, tag=tag)
 
@@ -260,13 +265,7 @@ def write_hf(
         generation = {"_from_model_config": True, **ids}
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         if tokenizer_dir is not None:
-            copied = [f for f in TOKENIZER_FILES if (Path(tokenizer_dir) / f).is_file()]
-            if not copied:
-                raise UserError(
-                    f"{tokenizer_dir}: no tokenizer files ({', '.join(TOKENIZER_FILES)})"
-                )
-            for name in copied:
-                shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
+            write_tokenizer_files(tokenizer_dir, tmp, config.seq_length)
         (tmp / "README.md").write_text(
             model_card(config, family, source, run_config or {}, facts or {})
         )
@@ -306,6 +305,7 @@ def export_hf(
     }
     family, config, tp = ckpt.family, ckpt.config, ckpt.tp_size
     reader = ckpt.reader
+    shapes.check_shards(reader, family, config, tp, ckpt.tag_dir / "config.yaml")
     specs = hf_specs_from_shards(reader.spec, family, config, tp)
     if torch_dtype is not None:
         specs = [TensorSpec(s.name, torch_dtype, s.shape) for s in specs]

@@ -20,9 +20,9 @@ import torch
 from megatron_ext.convert import layout
 from megatron_ext.convert.driver import hf_specs_from_shards, iter_from_hf
 from megatron_ext.convert.safetensors_io import TensorSpec
+from megatron_ext.convert.shapes import expected_shard_shapes
 from megatron_ext.models.config import ModelConfig
 from megatron_ext.models.keymap import ModelFamily, expand_key_map
-from megatron_ext.models.model import build_model
 
 
 @dataclass
@@ -42,25 +42,6 @@ def hf_meta_specs(family: ModelFamily, config: ModelConfig) -> dict[str, TensorS
     with torch.device("meta"):
         model = getattr(transformers, family.hf_architecture)(hf_config)
     return {k: TensorSpec(k, v.dtype, tuple(v.shape)) for k, v in model.state_dict().items()}
-
-
-def expected_shard_shapes(config: ModelConfig, tp_size: int) -> dict[str, tuple[int, ...]]:
-    """Our parameters' shapes on one TP rank, from the layers' TP attributes (not the key map)."""
-    nkv, hn = config.num_kv_heads, config.head_dim
-    g = config.num_attention_heads // nkv
-    out = {}
-    for name, p in build_model(config, device="meta").named_parameters():
-        shape = list(p.shape)
-        if getattr(p, "tensor_parallel", False):
-            d = p.partition_dim
-            if name.endswith(("word_embeddings.weight", "output_layer.weight")):
-                shape[d] = config.padded_vocab_size(tp_size) // tp_size
-            elif "linear_qkv" in name and nkv % tp_size:  # kv heads replicated over ranks
-                shape[d] = (g // (tp_size // nkv) + 2) * hn
-            else:
-                shape[d] //= tp_size
-        out[name] = tuple(shape)
-    return out
 
 
 def check_key_map(

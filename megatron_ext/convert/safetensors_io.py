@@ -8,7 +8,10 @@ the final name.
 
 Reading: `HFCheckpoint` opens safetensors lazily per tensor (`safe_open`) and reads
 `pytorch_model*.bin` only through `torch.load(weights_only=True, mmap=True)`; a pickle that
-needs arbitrary unpickling is refused (unpickling can run code).
+needs arbitrary unpickling is refused (unpickling can run code). Input is not trusted: every
+file an index names must lie inside the model directory (symlinks resolved), and each
+safetensors header is checked against its file (length, dtypes, shapes, byte ranges) before
+anything is read through it; every failure is a UserError naming the file.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from megatron_ext.errors import UserError
 
@@ -172,12 +175,90 @@ class ShardedSafetensorsWriter:
             (self.directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
 
-def read_safetensors_header(path: Path) -> dict[str, TensorSpec]:
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        meta = json.loads(f.read(n))
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
+
+
+def _not_safetensors(path: Path, why: str) -> UserError:
+    return UserError(
+        f"{path}: not a valid safetensors file: {why}; re-download or re-save it (a header that "
+        "disagrees with the file is never read past)"
+    )
+
+
+def _read_header_json(path: Path) -> tuple[dict, int]:
+    """The header object of a safetensors file and the size of its data section in bytes."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise _not_safetensors(path, f"{size} bytes, shorter than the 8-byte header length")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(size - 8, MAX_HEADER_BYTES):
+                raise _not_safetensors(path, f"header length {n} exceeds the file ({size} bytes)")
+            raw = f.read(n)
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    try:
+        meta = json.loads(raw)
+    except ValueError as exc:  # UnicodeDecodeError is a ValueError
+        raise _not_safetensors(path, f"the header is not JSON ({str(exc)[:200]})") from None
+    if not isinstance(meta, dict):
+        raise _not_safetensors(path, "the header is not a JSON object")
     meta.pop("__metadata__", None)
-    return {k: TensorSpec(k, DTYPES[v["dtype"]], tuple(v["shape"])) for k, v in meta.items()}
+    return meta, size - 8 - n
+
+
+def _sizes(value, length: int | None = None) -> bool:
+    """A JSON list of non-negative integers (of `length` items when given)."""
+    return (
+        isinstance(value, list)
+        and (length is None or len(value) == length)
+        and all(type(x) is int and x >= 0 for x in value)
+    )
+
+
+def _header_entry(path: Path, name: str, entry, data_size: int) -> tuple[TensorSpec, int, int]:
+    """One tensor's spec and byte range [begin, end) within the data section, checked."""
+    if not isinstance(entry, dict):
+        raise _not_safetensors(path, f"tensor {name}: entry is not an object")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in DTYPES:
+        known = ", ".join(DTYPES)
+        raise _not_safetensors(path, f"tensor {name}: dtype {dtype!r} is not one of {known}")
+    if not _sizes(shape):
+        raise _not_safetensors(path, f"tensor {name}: shape {shape!r} is not a list of sizes")
+    if not _sizes(offsets, 2) or not offsets[0] <= offsets[1] <= data_size:
+        raise _not_safetensors(
+            path, f"tensor {name}: data_offsets {offsets!r} outside the data ({data_size} bytes)"
+        )
+    spec = TensorSpec(name, DTYPES[dtype], tuple(shape))
+    if offsets[1] - offsets[0] != spec.nbytes:
+        raise _not_safetensors(
+            path,
+            f"tensor {name}: {dtype} {list(shape)} needs {spec.nbytes} bytes, data_offsets "
+            f"{offsets} hold {offsets[1] - offsets[0]}",
+        )
+    return spec, offsets[0], offsets[1]
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorSpec]:
+    """Names, dtypes and shapes of a safetensors file, checked as the safetensors library checks
+    them: the header lies inside the file, each tensor's byte range lies inside the data and is
+    as long as its dtype and shape need, and the ranges tile the data section."""
+    path = Path(path)
+    meta, data_size = _read_header_json(path)
+    entries = [_header_entry(path, name, entry, data_size) for name, entry in meta.items()]
+    end = 0
+    for spec, begin, stop in sorted(entries, key=lambda e: (e[1], e[2])):
+        if begin != end:
+            raise _not_safetensors(
+                path, f"tensor {spec.name} starts at byte {begin} of the data, expected {end}"
+            )
+        end = stop
+    if end != data_size:
+        raise _not_safetensors(path, f"tensors cover {end} of the {data_size} data bytes")
+    return {spec.name: spec for spec, _, _ in entries}
 
 
 def load_weights_only(path: Path) -> dict[str, torch.Tensor]:
@@ -191,39 +272,99 @@ def load_weights_only(path: Path) -> dict[str, torch.Tensor]:
             f"({first}). Convert it to safetensors with a trusted tool, or re-save a plain "
             "state dict of tensors with torch.save"
         ) from None
-    except RuntimeError as exc:
-        if "mmap" not in str(exc) and "zip" not in str(exc):
+    except (RuntimeError, EOFError) as exc:
+        text = str(exc)
+        if "mmap can only be used" in text:
+            raise UserError(
+                f"{path}: legacy (pre-zip) torch.save format, or not a torch.save file at all: "
+                "it cannot be memory-mapped; re-save it with a current torch.save or convert it "
+                "to safetensors"
+            ) from None
+        if isinstance(exc, RuntimeError) and "PytorchStreamReader" not in text:
             raise
         raise UserError(
-            f"{path}: legacy (pre-zip) torch.save format cannot be memory-mapped; re-save it "
-            "with a current torch.save or convert it to safetensors"
+            f"{path}: corrupt or truncated torch.save file ({text.splitlines()[0][:200]}); "
+            "re-download or re-save it"
         ) from None
 
 
+def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
+    """A `pytorch_model*.bin`: weights-only, and checked to be {tensor name: tensor}."""
+    state = load_weights_only(path)
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise UserError(
+            f"{path}: not a state dict (a dict of tensor name -> tensor); give the weights "
+            "file transformers' save_pretrained writes"
+        )
+    return state
+
+
+def confined(directory: Path, entry: str, where: Path) -> Path:
+    """directory/entry with symlinks resolved, which must be a file inside `directory` (or, for
+    a Hugging Face hub cache snapshot, in that repository's blobs/, where its links point).
+    UserError naming `where` (the index, or the file itself) and the entry otherwise."""
+    root = directory.resolve()
+    roots = [root, root.parent.parent / "blobs"] if root.parent.name == "snapshots" else [root]
+    try:
+        path = (directory / entry).resolve()
+        is_file = path.is_file()
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{where}: entry {entry!r} is not a usable file name ({exc})") from None
+    if not any(path.is_relative_to(r) for r in roots):
+        raise UserError(
+            f"{where}: entry {entry!r} points outside {directory} (to {path}); the weights must "
+            "lie inside the model directory"
+        )
+    if not is_file:
+        raise UserError(f"{where}: entry {entry!r}: {path} is missing")
+    return path
+
+
+def read_weight_map(directory: Path, index: Path) -> dict[str, Path]:
+    """tensor name -> file of a `*.index.json`, every file confined to `directory`."""
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{index}: not a readable JSON index ({str(exc)[:200]})") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise UserError(f'{index}: no "weight_map" object of tensor name -> file name')
+    files = {f: confined(directory, f, index) for f in sorted(set(weight_map.values()))}
+    return {name: files[f] for name, f in weight_map.items()}
+
+
 class HFCheckpoint:
-    """Lazy tensors of a HF model directory (safetensors preferred, else pytorch_model*.bin)."""
+    """Lazy tensors of a HF model directory (safetensors preferred, else pytorch_model*.bin).
+
+    Every weights file lies inside the directory (index entries are confined to it), and
+    `source` is the file that lists the tensors (the index, or the single weights file).
+    """
 
     def __init__(self, directory: str | Path) -> None:
         self.directory = d = Path(directory)
         if not d.is_dir():
             raise UserError(f"{d} is not a directory; give a Hugging Face model directory")
-        self.kind, self.file_of = self._discover(d)
+        self.kind, self.source, self.file_of = self._discover(d)
 
     @staticmethod
-    def _discover(d: Path) -> tuple[str, dict[str, Path]]:
+    def _discover(d: Path) -> tuple[str, Path, dict[str, Path]]:
         for kind, single, index in (
             ("safetensors", "model.safetensors", INDEX_NAME),
             ("bin", "pytorch_model.bin", "pytorch_model.bin.index.json"),
         ):
             if (d / index).is_file():
-                weight_map = json.loads((d / index).read_text())["weight_map"]
-                return kind, {k: d / f for k, f in weight_map.items()}
+                return kind, d / index, read_weight_map(d, d / index)
             if (d / single).is_file():
+                path = confined(d, single, d / single)
                 if kind == "safetensors":
-                    names = read_safetensors_header(d / single)
+                    names = read_safetensors_header(path)
                 else:
-                    names = load_weights_only(d / single)
-                return kind, dict.fromkeys(names, d / single)
+                    names = load_state_dict_file(path)
+                return kind, d / single, dict.fromkeys(names, path)
         raise UserError(
             f"{d}: no model.safetensors(.index.json) or pytorch_model.bin(.index.json) found; "
             "is this a Hugging Face model directory?"
@@ -237,24 +378,38 @@ class HFCheckpoint:
 
     def _path(self, name: str) -> Path:
         if name not in self.file_of:
-            raise UserError(f"{self.directory}: checkpoint has no tensor {name}")
+            raise UserError(f"{self.source}: checkpoint has no tensor {name}")
         return self.file_of[name]
 
+    def _file_specs(self, path: Path) -> dict[str, TensorSpec]:
+        if self.kind == "safetensors":
+            return read_safetensors_header(path)
+        sd = load_state_dict_file(path)
+        return {k: TensorSpec(k, t.dtype, tuple(t.shape)) for k, t in sd.items()}
+
     def specs(self) -> dict[str, TensorSpec]:
+        """Every listed tensor's spec, from checked headers; UserError naming the index when a
+        file lacks a tensor the index puts there."""
         out: dict[str, TensorSpec] = {}
         for path in dict.fromkeys(self.file_of.values()):
-            if self.kind == "safetensors":
-                out.update(read_safetensors_header(path))
-            else:
-                sd = load_weights_only(path)
-                out.update({k: TensorSpec(k, t.dtype, tuple(t.shape)) for k, t in sd.items()})
+            out.update(self._file_specs(path))
+        for name, path in self.file_of.items():
+            if name not in out:
+                raise UserError(
+                    f"{self.source}: lists tensor {name} in {path.name}, which has no such tensor"
+                )
         return {k: out[k] for k in self.file_of}
 
     def get(self, name: str) -> torch.Tensor:
         """One tensor, read now (the file is opened and closed around it)."""
         path = self._path(name)
         if self.kind == "safetensors":
-            with safe_open(path, framework="pt") as f:
-                return f.get_tensor(name)
-        sd = load_weights_only(path)
+            try:
+                with safe_open(path, framework="pt") as f:
+                    return f.get_tensor(name)
+            except (SafetensorError, OSError) as exc:
+                raise UserError(f"{path}: cannot read tensor {name} ({exc})") from None
+        sd = load_state_dict_file(path)
+        if name not in sd:
+            raise UserError(f"{self.source}: lists tensor {name} in {path}, which lacks it")
         return sd[name].clone()  # a private copy; the mapping closes with `sd`

@@ -5,7 +5,8 @@
     megatron-ext eval --compare run1.json run2.json ...
 
 `--checkpoint` converts the checkpoint (its `latest`, or `--iteration`) to Hugging Face once,
-into DIR/hf-cache/<tag>/ next to the tag directories, and reuses that on later calls.
+into DIR/hf-cache/<tag>/ next to the tag directories, and reuses that on later calls while the
+checkpoint's content is the same (eval/hf_cache.py).
 Tasks: the bundled ones (megatron_ext/assets/tasks), every BIG-bench `task.json` under
 `--task-dir`, or lm-eval's own task names (their datasets must already be in the local
 Hugging Face cache: nothing is downloaded). Prints a table; `--output` keeps lm-eval's JSON.
@@ -17,9 +18,7 @@ import argparse
 from pathlib import Path
 
 from megatron_ext.errors import UserError
-from megatron_ext.log import get_logger
-
-log = get_logger(__name__)
+from megatron_ext.eval.hf_cache import hf_cache_for
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -40,26 +39,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-length", type=int, help="context length (default: the model's)")
     p.add_argument("--log-samples", action="store_true", help="keep per-example outputs")
     p.add_argument("--output", help="write lm-eval's results JSON here")
-
-
-def hf_cache_for(checkpoint: str | Path, iteration: int | None, tokenizer: str | None) -> Path:
-    """DIR/hf-cache/<tag>: the checkpoint as a Hugging Face dir, converted on first use."""
-    from megatron_ext.convert import layout
-
-    tag_dir = layout.resolve_tag_dir(checkpoint, iteration)
-    cached = tag_dir.parent / "hf-cache" / tag_dir.name
-    if (cached / "config.json").is_file():
-        log.info("using the converted checkpoint in %s", cached)
-        return cached
-    if tokenizer is None:
-        raise UserError(
-            f"{tag_dir}: not converted yet and no --tokenizer given; pass the tokenizer dir "
-            "the run was trained with (it is copied next to the weights)"
-        )
-    from megatron_ext.convert.driver import export_hf
-
-    log.info("converting %s to Hugging Face in %s", tag_dir, cached)
-    return export_hf(tag_dir, cached, tokenizer_dir=tokenizer)
 
 
 def compare(paths: list[str]) -> str:
