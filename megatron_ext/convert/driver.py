@@ -38,7 +38,7 @@ from megatron_ext.convert.safetensors_io import (
 from megatron_ext.errors import UserError
 from megatron_ext.log import get_logger
 from megatron_ext.models.config import ModelConfig
-from megatron_ext.models.keymap import SPLITS, TRANSFORMS, KeyMapEntry, ModelFamily, expand_key_map
+from megatron_ext.models.keymap import SPLITS, TRANSFORMS, ModelFamily
 from megatron_ext.models.presets import FAMILIES
 
 log = get_logger(__name__)
@@ -103,16 +103,6 @@ def read_hf_input(hf_dir: str | Path) -> tuple[ModelFamily, ModelConfig, HFCheck
     return family, config, ckpt
 
 
-def entries_by_layer(
-    family: ModelFamily, config: ModelConfig
-) -> list[tuple[layout.PipeLayer, list[KeyMapEntry]]]:
-    """The expanded key map grouped by pipeline layer, in layer order."""
-    groups: dict[int, list[KeyMapEntry]] = {}
-    for entry in expand_key_map(family.key_map, config):
-        groups.setdefault(layout.layer_of(entry.ours, config).index, []).append(entry)
-    return [(layer, groups.get(layer.index, [])) for layer in layout.pipeline_layers(config)]
-
-
 def iter_from_hf(
     get_hf: GetHF, family: ModelFamily, config: ModelConfig, tp_size: int
 ) -> Iterator[tuple[layout.PipeLayer, int, dict[str, torch.Tensor]]]:
@@ -122,7 +112,7 @@ def iter_from_hf(
     full tensor and one output shard are in memory.
     """
     config.check_tp(tp_size)
-    for layer, entries in entries_by_layer(family, config):
+    for layer, entries in layout.entries_by_layer(family, config):
         for tp_rank in range(tp_size):
             state = {}
             for entry in entries:
@@ -138,7 +128,7 @@ def iter_to_hf(
     """HF tensors from our shards (vocabulary padding removed; tied aliases left out, as
     `save_pretrained` does: transformers re-ties them on load)."""
     config.check_tp(tp_size)
-    for _, entries in entries_by_layer(family, config):
+    for _, entries in layout.entries_by_layer(family, config):
         for entry in entries:
             shards = [get_shard(r, entry.ours) for r in range(tp_size)]
             full = SPLITS[entry.tp_split][1](shards, config)

@@ -24,6 +24,7 @@ from megatron_ext.config import dump_yaml, read_yaml
 from megatron_ext.convert.safetensors_io import TensorSpec, load_weights_only
 from megatron_ext.errors import UserError
 from megatron_ext.models.config import ModelConfig
+from megatron_ext.models.keymap import KeyMapEntry, ModelFamily, expand_key_map
 from megatron_ext.models.presets import resolve_model_config
 
 
@@ -198,3 +199,13 @@ def write_tag_files(root: Path, tag: str, run_config: dict) -> None:
     dump_yaml(run_config, tag_dir / "config.yaml")
     write_manifest(tag_dir)
     (root / "latest").write_text(tag)
+
+
+def entries_by_layer(
+    family: ModelFamily, config: ModelConfig
+) -> list[tuple[PipeLayer, list[KeyMapEntry]]]:
+    """The expanded key map grouped by pipeline layer, in layer order."""
+    groups: dict[int, list[KeyMapEntry]] = {}
+    for entry in expand_key_map(family.key_map, config):
+        groups.setdefault(layer_of(entry.ours, config).index, []).append(entry)
+    return [(layer, groups.get(layer.index, [])) for layer in pipeline_layers(config)]

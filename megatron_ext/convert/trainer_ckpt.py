@@ -205,11 +205,9 @@ def write_checkpoint(
 def iter_resharded(ckpt: TrainerCheckpoint, tp_size: int) -> Iterator:
     """(layer, new tp rank, our state) of `ckpt` re-split for `tp_size`: each parameter's old
     shards are merged (vocabulary padding dropped) and cut again (re-padded for the new tp)."""
-    from megatron_ext.convert.driver import entries_by_layer
-
     config, reader = ckpt.config, ckpt.reader
     config.check_tp(tp_size)
-    for layer, entries in entries_by_layer(ckpt.family, config):
+    for layer, entries in layout.entries_by_layer(ckpt.family, config):
         for tp_rank in range(tp_size):
             state = {}
             for entry in entries:
