@@ -62,11 +62,22 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+_COERCERS: dict[type, Any] = {}
+
+
+def register_coercer(tp: type, fn) -> None:
+    """Build values of type TP from YAML with FN(value, where) (e.g. a model preset name or a
+    preset plus fields -> ModelConfig), instead of field by field."""
+    _COERCERS[tp] = fn
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check/convert a YAML value to the annotated type `tp` (dataclasses built recursively)."""
     origin = typing.get_origin(tp)
     if tp is Any:
         return value
+    if tp in _COERCERS:
+        return _COERCERS[tp](value, where)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:

@@ -117,7 +117,6 @@ def reshard_rank(work: Path, tag: str, output: Path, tp_size: int, pp_size: int)
     """One rank (the launcher set RANK etc.): build, load the universal checkpoint, save."""
     import torch.distributed as dist
 
-    from megatron_ext.models.presets import resolve_model_config
     from megatron_ext.training import checkpointing, universal
     from megatron_ext.training import engine as engine_mod
     from megatron_ext.training.config import saved_run_config
@@ -130,8 +129,7 @@ def reshard_rank(work: Path, tag: str, output: Path, tp_size: int, pp_size: int)
     try:
         cfg.parallel.tp, cfg.parallel.pp = tp_size, pp_size
         cfg.checkpoint.dir, cfg.checkpoint.load = str(output), None
-        model_config = resolve_model_config(cfg.model)
-        model_config.seq_length = cfg.data.seq_length
+        model_config = cfg.model
         engine = engine_mod.build_engine(cfg, model_config, load_universal=True)
         universal_tag = universal.convert(str(work), tag)
         found = checkpointing.load(engine, str(work), universal_tag=universal_tag)

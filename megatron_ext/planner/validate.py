@@ -41,35 +41,34 @@ def estimate_for_run(
     cfg: dict, world_size: int, stage: int | None = None, runtime_bytes: int = 0
 ) -> MemoryEstimate:
     """The estimate for a run config (a dict as in RUN.yaml) on `world_size` ranks: of pipeline
-    stage `stage`, or of the most loaded one."""
-    from megatron_ext.models.presets import resolve_model_config
-    from megatron_ext.training.config import DataConfig, ParallelConfig, TrainConfig
+    stage `stage`, or of the most loaded one. The dict is read as the trainer reads it
+    (RunConfig: its defaults, the model resolved, unknown keys refused)."""
+    import copy
 
-    def get(section: str, key: str, default):
-        return (cfg.get(section) or {}).get(key, default)
+    from megatron_ext.config import from_dict
+    from megatron_ext.training.config import RunConfig
 
-    tp, pp = get("parallel", "tp", ParallelConfig.tp), get("parallel", "pp", ParallelConfig.pp)
+    run = from_dict(RunConfig, copy.deepcopy(cfg), where="run config")
+    tp, pp = run.parallel.tp, run.parallel.pp
     if world_size % (tp * pp):
         raise UserError(f"world size {world_size} is not divisible by tp x pp = {tp} x {pp}")
-    seq = get("data", "seq_length", DataConfig.seq_length)
-    model = resolve_model_config(cfg.get("model") or {"preset": "tiny"}).replace(seq_length=seq)
-    recompute = get("train", "activation_checkpointing", TrainConfig.activation_checkpointing)
+    recompute = run.train.activation_checkpointing
     if recompute not in ("none", "full"):
         raise UserError(f"train.activation_checkpointing={recompute}: the estimate knows none/full")
     layout = Layout(
         tp=tp,
         pp=pp,
         dp=world_size // (tp * pp),
-        micro_batch_size=get("train", "micro_batch_size", TrainConfig.micro_batch_size),
+        micro_batch_size=run.train.micro_batch_size,
         recompute=recompute,
-        sequence_parallel=get("parallel", "sequence_parallel", ParallelConfig.sequence_parallel),
+        sequence_parallel=run.parallel.sequence_parallel,
     )
     args = (
-        model,
+        run.model,
         layout,
-        seq,
-        get("train", "global_batch_size", TrainConfig.global_batch_size),
-        get("train", "precision", TrainConfig.precision),
+        run.data.seq_length,
+        run.train.global_batch_size,
+        run.train.precision,
         True,
         runtime_bytes,
     )

@@ -19,7 +19,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from megatron_ext import config as config_io
 from megatron_ext.errors import UserError
+from megatron_ext.log import get_logger
+from megatron_ext.models.config import ModelConfig
+from megatron_ext.models.presets import get_preset, resolve_model_config
+
+log = get_logger(__name__)
+
+
+def _model_from_yaml(value: Any, where: str) -> ModelConfig:
+    """`model:` of a run config: a preset name, or fields with an optional `preset` (expanded
+    here, once; unknown fields refused with the known ones listed)."""
+    if isinstance(value, (str, dict, ModelConfig)):
+        return resolve_model_config(value, where)
+    raise UserError(f"{where}: expected a preset name or a mapping of model fields")
+
+
+config_io.register_coercer(ModelConfig, _model_from_yaml)
 
 
 @dataclass
@@ -130,7 +147,8 @@ class EvalConfig:
 
 @dataclass
 class RunConfig:
-    model: dict[str, Any] = field(default_factory=lambda: {"preset": "tiny"})
+    # resolved at load: every field (a preset expanded); seq_length follows data.seq_length
+    model: ModelConfig = field(default_factory=lambda: get_preset("tiny"))
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -138,6 +156,10 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        # the one place the model's sequence length is derived: the data's
+        self.model.seq_length = self.data.seq_length
 
     def data_parallel_size(self, world_size: int) -> int:
         mp = self.parallel.tp * self.parallel.pp
@@ -256,6 +278,15 @@ def saved_run_config(path: str | Path) -> RunConfig:
     from megatron_ext.config import from_dict, read_yaml
 
     data = read_yaml(path)
+    model = data.get("model")
+    if isinstance(model, str) or (isinstance(model, dict) and "preset" in model):
+        name = model if isinstance(model, str) else model["preset"]
+        log.warning(
+            "%s: saved before checkpoints held the resolved model: its preset %r is read from "
+            "this version's preset table",
+            path,
+            name,
+        )
     for section, keys in RETIRED_KEYS.items():
         if isinstance(data.get(section), dict):
             for key in keys:

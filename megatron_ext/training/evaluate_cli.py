@@ -60,6 +60,8 @@ def eval_config(args: argparse.Namespace, world_size: int, tag: str) -> RunConfi
     dp = cfg.data_parallel_size(world_size)
     cfg.data.path, cfg.data.blend = args.data_path, None
     cfg.data.seq_length = args.seq_length or cfg.data.seq_length
+    # the model keeps the length it was trained at, or more when evaluating longer sequences
+    cfg.model.seq_length = max(cfg.model.seq_length, cfg.data.seq_length)
     cfg.train.micro_batch_size = args.micro_batch_size
     cfg.train.global_batch_size = args.micro_batch_size * dp
     cfg.checkpoint.load = args.checkpoint
@@ -70,7 +72,6 @@ def evaluate_here(args: argparse.Namespace) -> dict:
     import torch.distributed as dist
 
     from megatron_ext.data.blend import build_datasets
-    from megatron_ext.models.presets import resolve_model_config
     from megatron_ext.training import checkpointing
     from megatron_ext.training import engine as engine_mod
     from megatron_ext.training.ranks import export_dist_env
@@ -80,8 +81,7 @@ def evaluate_here(args: argparse.Namespace) -> dict:
     export_dist_env()
     engine_mod.init_distributed(600.0)
     cfg = eval_config(args, dist.get_world_size(), tag)
-    model_config = resolve_model_config(cfg.model)
-    model_config.seq_length = max(model_config.seq_length, cfg.data.seq_length)
+    model_config = cfg.model
     engine = engine_mod.build_engine(cfg, model_config)
     failures: list[str] = []
     found = checkpointing.load(

@@ -7,8 +7,10 @@ with `--nproc-per-node N` the command spawns N local ranks itself (laptops and t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import sys
 
 from megatron_ext.config import apply_overrides, dump_yaml, from_dict, read_yaml, to_dict
 from megatron_ext.errors import UserError
@@ -63,9 +65,8 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
     if args.kill_switch_file is not None:
         cfg.train.kill_switch_file = args.kill_switch_file
     cfg.validate()
-    from megatron_ext.models.presets import resolve_model_config
 
-    layers = resolve_model_config(cfg.model).num_layers
+    layers = cfg.model.num_layers
     if cfg.parallel.pp > layers:
         raise UserError(
             f"parallel.pp={cfg.parallel.pp} is more pipeline stages than the model's {layers} "
@@ -77,12 +78,10 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
 def dry_run_report(cfg: RunConfig, world_size: int) -> dict:
     """Resolved config, layout, parameters per stage and a memory estimate (no processes)."""
     from megatron_ext.models.model import count_parameters
-    from megatron_ext.models.presets import resolve_model_config
     from megatron_ext.planner.memory import Layout, estimate_stages
     from megatron_ext.training.pipeline import partition_report
 
-    model = resolve_model_config(cfg.model)
-    model.seq_length = cfg.data.seq_length
+    model = cfg.model
     dp = cfg.data_parallel_size(world_size)
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
     model.check_tp(tp)
@@ -172,7 +171,9 @@ def run(args: argparse.Namespace) -> int:
             or int(os.environ.get("WORLD_SIZE", "0"))
             or (cfg.parallel.tp * cfg.parallel.pp)
         )
-        report = dry_run_report(cfg, world)
+        # DeepSpeed's logger writes to stdout, created on first import: keep stdout the report
+        with contextlib.redirect_stdout(sys.stderr):
+            report = dry_run_report(cfg, world)
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or args.nproc_per_node or world
         _check_fits(report, args.device_memory_gb, local)
         print(dump_yaml(cfg), end="")

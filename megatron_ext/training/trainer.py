@@ -17,7 +17,6 @@ import torch.distributed as dist
 
 from megatron_ext.errors import UserError
 from megatron_ext.log import get_logger
-from megatron_ext.models.presets import resolve_model_config
 from megatron_ext.parallel.distributed import is_communication_failure
 from megatron_ext.training import checkpointing, flops, universal
 from megatron_ext.training import hooks as step_hooks
@@ -257,8 +256,7 @@ def train(cfg: RunConfig, stop: StopConditions | None = None, hooks: list | None
 
 
 def _train(cfg: RunConfig, stop: StopConditions, hooks: list) -> dict:
-    model_config = resolve_model_config(cfg.model)
-    model_config.seq_length = cfg.data.seq_length
+    model_config = cfg.model
     baseline_rss_mb = start_rss_tracking()  # what the model, optimizer and steps add comes after
     check_load_layout(cfg)
     universal_tag = _universal_tag(cfg)

@@ -211,3 +211,13 @@ def test_config_path_with_a_newline_is_refused(run_yaml, tmp_path):
     odd.write_text(run_yaml.read_text())
     with pytest.raises(UserError, match="--config"):
         prepare_job(options("generic", run_yaml=odd))
+
+
+@pytest.mark.parametrize("override", ["model.hiden_size=3", "optim.lrr=1"])
+def test_a_model_typo_is_refused_before_anything_is_written(run_yaml, tmp_path, override):
+    """`model.hiden_size=3` used to render (the model section was an untyped dict) and fail
+    only when the job started on the cluster; now it is refused like `optim.lrr=1`."""
+    out = tmp_path / "run" / "job.sbatch"
+    with pytest.raises(UserError, match="unknown key"):
+        prepare_job(options("local", run_yaml, nodes=4, overrides=[override], output=out))
+    assert not out.parent.exists()

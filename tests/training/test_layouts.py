@@ -1,5 +1,7 @@
 """The same 10-step run at six (pp, tp, dp) layouts, and with sequence parallelism at (2, 2, 1) and
-(2, 2, 2), gives the same losses (fp32, 1e-5).
+(2, 2, 2), gives the same losses (fp32, 1e-5). Llama runs the reference and the all-in layouts
+(2, 2, 2) without and with sequence parallelism (its GQA and SwiGLU splits are what differs
+from BLOOM; the single-dimension layouts are BLOOM's), to keep CI time.
 
 Global batch 8, micro-batch 2: gradient accumulation changes with dp (4, 2, 1 micro-batches),
 clipping at 0.5 is active, so the grad norm (TP-sharded weights counted once) is checked too.
@@ -15,6 +17,7 @@ LAYOUTS = [(1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 1, 2), (2, 2, 1), (2, 2, 2)]
 # sequence parallelism composes with the pipeline: DeepSpeed's activation partitioning over TP
 # (on by default) silently mixed the ranks' sequence shards here (losses off by 1e-2)
 SP_LAYOUTS = [(2, 2, 1), (2, 2, 2)]
+REDUCED = {"llama": ([(1, 1, 1), (2, 2, 2)], [(2, 2, 2)])}
 STEPS = 10
 
 
@@ -22,7 +25,8 @@ STEPS = 10
 @pytest.mark.parametrize("family", ["bloom", "llama"])
 def test_losses_equal_across_layouts(family, fi_dataset, tmp_path):
     runs = {}
-    layouts = [(*layout, False) for layout in LAYOUTS] + [(*sp, True) for sp in SP_LAYOUTS]
+    plain, with_sp = REDUCED.get(family, (LAYOUTS, SP_LAYOUTS))
+    layouts = [(*layout, False) for layout in plain] + [(*sp, True) for sp in with_sp]
     for pp, tp, dp, sp in layouts:
         ckpt = tmp_path / f"pp{pp}tp{tp}dp{dp}sp{int(sp)}"
         run_train(

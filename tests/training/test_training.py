@@ -54,6 +54,7 @@ def test_tiny_bloom_loss_falls_on_finnish_data(fi_dataset, tmp_path):
     assert (ckpt / "latest").read_text() == "iter_0000060"
     saved = yaml.safe_load((ckpt / "iter_0000060" / "config.yaml").read_text())
     assert saved["data"]["path"] == fi_dataset and saved["train"]["iterations"] == 60
+    assert "preset" not in saved["model"] and saved["model"]["num_layers"] == 2  # resolved
     assert json.loads((ckpt / "iter_0000060" / "manifest.json").read_text())["files"]
     assert not list(ckpt.glob("*.tmp"))
 
@@ -107,7 +108,8 @@ def test_dry_run_prints_config_layout_and_memory():
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env())
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
-    assert "preset: tiny-llama" in out and "stage 1: layers" in out
+    # the resolved model (every field), not the preset's name; stdout is the report alone
+    assert out.startswith("model:\n  family: llama\n") and "stage 1: layers" in out
     report = json.loads(out[out.index("{\n") :])
     assert report["layout"] == {
         "tp": 2,
