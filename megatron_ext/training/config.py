@@ -23,7 +23,6 @@ from megatron_ext import config as config_io
 from megatron_ext.errors import UserError
 from megatron_ext.log import get_logger
 from megatron_ext.models.config import ModelConfig
-from megatron_ext.models.presets import get_preset, resolve_model_config
 
 log = get_logger(__name__)
 
@@ -31,6 +30,8 @@ log = get_logger(__name__)
 def _model_from_yaml(value: Any, where: str) -> ModelConfig:
     """`model:` of a run config: a preset name, or fields with an optional `preset` (expanded
     here, once; unknown fields refused with the known ones listed)."""
+    from megatron_ext.models.presets import resolve_model_config  # imports torch: not at start
+
     if isinstance(value, (str, dict, ModelConfig)):
         return resolve_model_config(value, where)
     raise UserError(f"{where}: expected a preset name or a mapping of model fields")
@@ -148,7 +149,7 @@ class EvalConfig:
 @dataclass
 class RunConfig:
     # resolved at load: every field (a preset expanded); seq_length follows data.seq_length
-    model: ModelConfig = field(default_factory=lambda: get_preset("tiny"))
+    model: ModelConfig = field(default_factory=lambda: _model_from_yaml("tiny", "model"))
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -127,7 +127,7 @@ def _step_errors(rank, world_size):
     }
     for name, exc in cases.items():
         try:
-            _run_step(engine_raising(exc), iter([]), stop, 7)
+            _run_step(engine_raising(exc), iter([]), stop, 7, [], None)
         except CollectiveError as caught:
             out[name] = ("collective", str(caught), caught.__cause__ is exc)
         except Exception as caught:  # noqa: BLE001 - the kind is the result
