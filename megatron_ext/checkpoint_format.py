@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -288,3 +289,126 @@ def checkpoint_engine():
             self._manifests.clear()
 
     return ChecksummedCheckpointEngine()
+
+
+# ---------------------------------------------------------------- names and layout
+# <root>/latest                  the tag of the newest complete checkpoint
+# <root>/iter_XXXXXXX/           one checkpoint (a "tag"), see training/checkpointing.py
+#   layer_LL-model_TT-model_states.pt   DeepSpeed's pipeline layer LL at tp rank TT
+#   mp_rank_MM_model_states.pt          engine + our client state, MM = pp_rank * tp + tp_rank
+#   [bf16_]zero_pp_rank_D_mp_rank_MM_optim_states.pt   ZeRO-1 optimizer shard of dp rank D
+#   rng_rank{R}.pt, config.yaml, manifest.json
+
+TAG_RE = re.compile(r"^iter_(\d{7})$")
+LATEST = "latest"
+# a layout change converts <tag> to <tag>_universal (DeepSpeed's universal checkpoint), named
+# by `latest_universal`
+UNIVERSAL_SUFFIX = "_universal"
+LATEST_UNIVERSAL = "latest_universal"
+
+
+def tag_of(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+def layer_file(tag_dir: Path, layer: int, tp_rank: int) -> Path:
+    return Path(tag_dir) / f"layer_{layer:02d}-model_{tp_rank:02d}-model_states.pt"
+
+
+def mp_rank_file(tag_dir: Path, mp_rank: int) -> Path:
+    return Path(tag_dir) / f"mp_rank_{mp_rank:02d}_model_states.pt"
+
+
+def is_mp_rank_file(name: str) -> bool:
+    return name.startswith("mp_rank_") and name.endswith("_model_states.pt")
+
+
+def write_latest(root: Path, tag: str, name: str = LATEST) -> None:
+    tmp = root / f".{name}.tmp"
+    tmp.write_text(tag)
+    os.replace(tmp, root / name)
+
+
+def list_checkpoints(root: Path) -> list[str]:
+    """Complete-looking tags (iter_XXXXXXX directories), oldest first."""
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and TAG_RE.match(p.name))
+
+
+def candidates(root: Path) -> list[str]:
+    """Tags to try, newest first: `latest` first, then older complete checkpoints."""
+    tags = list_checkpoints(root)[::-1]
+    latest = root / LATEST
+    if latest.is_file():
+        name = latest.read_text().strip()
+        if name in tags:
+            tags.remove(name)
+            tags.insert(0, name)
+    return tags
+
+
+def _available(root: Path) -> str:
+    tags = sorted(p.name for p in root.glob("iter_*") if p.is_dir())
+    return ", ".join(tags) if tags else "none"
+
+
+def resolve_tag_dir(path: str | Path, iteration: int | None = None) -> Path:
+    """A checkpoint root (with `latest`, or `iteration` given) or a tag directory -> the tag
+    directory. Errors name the path and list the iterations that exist."""
+    p = Path(path)
+    if not p.is_dir():
+        raise UserError(f"{p}: checkpoint directory not found")
+    if iteration is not None:
+        tag_dir = p / tag_of(iteration)
+        if not tag_dir.is_dir():
+            raise UserError(f"{tag_dir}: no iteration {iteration} here (found: {_available(p)})")
+        return tag_dir
+    if (p / "latest").is_file():
+        tag = (p / "latest").read_text().strip()
+        if not tag or not (p / tag).is_dir():
+            raise UserError(f"{p / 'latest'} names {tag!r}, which does not exist under {p}")
+        return p / tag
+    if any(p.glob("layer_*-model_*-model_states.pt")):
+        return p
+    if any(p.glob("iter_*")):
+        raise UserError(f"{p / 'latest'} is missing; give --iteration N (found: {_available(p)})")
+    raise UserError(
+        f"{p}: neither a checkpoint root with a `latest` file nor a tag directory with "
+        "layer_XX-model_YY-model_states.pt files"
+    )
+
+
+def universal_info(model) -> dict:
+    """client_state["universal_checkpoint_info"]: how each of our parameters is split over TP.
+
+    Only patterns that match a parameter of this model (the converter's strict mode rejects
+    unused ones)."""
+    from deepspeed.checkpoint import constants as c
+
+    replicated = [r".*norm\.weight$"]
+    if model.norm == "layernorm":
+        replicated.append(r".*norm\.bias$")
+    if model.tied_embeddings:  # the final norm is a pipeline layer of its own: "<layer>.weight"
+        replicated.append(r"^\d+\.weight$")
+        if model.norm == "layernorm":
+            replicated.append(r"^\d+\.bias$")
+    if model.bias:
+        replicated += [r".*linear_proj\.bias$", r".*linear_fc2\.bias$"]
+    if model.position_embedding == "learned":
+        replicated.append(r".*position_embeddings$")
+    info = {
+        c.UNIVERSAL_CHECKPOINT_VERSION_KEY: c.UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+        c.TP_REPLICATED_PARAMETER_PATTERNS: replicated,
+        # vocabulary rows are padded per TP size: merged without padding, re-padded on load
+        c.VOCABULARY_PARAMETER_PATTERNS: [r".*word_embeddings\.weight$"]
+        + ([] if model.tied_embeddings else [r".*output_layer\.weight$"]),
+        c.ORIGINAL_VOCAB_SIZE: model.vocab_size,
+        c.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: [
+            r".*linear_proj\.weight$",
+            r".*linear_fc2\.weight$",
+        ],
+    }
+    if model.activation == "swiglu":  # each TP shard is [gate_r; up_r]
+        info["parameter_with_2_sub_params_cat_dim_0"] = [r".*linear_fc1\.weight$"]
+    return info

@@ -1,8 +1,8 @@
 """Where our parameters live in a training checkpoint: (pipeline layer, tp rank) <-> names.
 
-The only module that knows the trainer's checkpoint layout (adjust it here when the trainer
-changes). It follows megatron_ext/training/pipeline.py `layer_specs` and DeepSpeed's
-PipelineModule, which saves one file per (layer, tp rank) with that layer module's state dict:
+Which parameter lives in which pipeline layer (the file names, tags and manifest are
+checkpoint_format.py's, shared with the trainer). It follows megatron_ext/training/pipeline.py
+`layer_specs` and DeepSpeed's PipelineModule, which saves one file per (layer, tp rank) with that layer module's state dict:
 
     <root>/latest                     the tag, e.g. "iter_0000100"
     <root>/<tag>/config.yaml          the resolved run config (`model:` section)
@@ -20,6 +20,11 @@ from pathlib import Path
 
 import torch
 
+from megatron_ext.checkpoint_format import (  # noqa: F401 - also used as layout.X
+    layer_file,
+    resolve_tag_dir,
+    tag_of,
+)
 from megatron_ext.config import dump_yaml, read_yaml
 from megatron_ext.convert.safetensors_io import TensorSpec, load_weights_only
 from megatron_ext.errors import UserError
@@ -79,45 +84,6 @@ def stage_layers(config: ModelConfig, pp_size: int) -> list[list[int]]:
     stages[0].insert(0, 0)
     stages[-1].append(n + 1)
     return stages
-
-
-def layer_file(tag_dir: Path, layer: int, tp_rank: int) -> Path:
-    return Path(tag_dir) / f"layer_{layer:02d}-model_{tp_rank:02d}-model_states.pt"
-
-
-def tag_of(iteration: int) -> str:
-    return f"iter_{iteration:07d}"
-
-
-def _available(root: Path) -> str:
-    tags = sorted(p.name for p in root.glob("iter_*") if p.is_dir())
-    return ", ".join(tags) if tags else "none"
-
-
-def resolve_tag_dir(path: str | Path, iteration: int | None = None) -> Path:
-    """A checkpoint root (with `latest`, or `iteration` given) or a tag directory -> the tag
-    directory. Errors name the path and list the iterations that exist."""
-    p = Path(path)
-    if not p.is_dir():
-        raise UserError(f"{p}: checkpoint directory not found")
-    if iteration is not None:
-        tag_dir = p / tag_of(iteration)
-        if not tag_dir.is_dir():
-            raise UserError(f"{tag_dir}: no iteration {iteration} here (found: {_available(p)})")
-        return tag_dir
-    if (p / "latest").is_file():
-        tag = (p / "latest").read_text().strip()
-        if not tag or not (p / tag).is_dir():
-            raise UserError(f"{p / 'latest'} names {tag!r}, which does not exist under {p}")
-        return p / tag
-    if any(p.glob("layer_*-model_*-model_states.pt")):
-        return p
-    if any(p.glob("iter_*")):
-        raise UserError(f"{p / 'latest'} is missing; give --iteration N (found: {_available(p)})")
-    raise UserError(
-        f"{p}: neither a checkpoint root with a `latest` file nor a tag directory with "
-        "layer_XX-model_YY-model_states.pt files"
-    )
 
 
 def read_run_config(tag_dir: Path) -> dict:

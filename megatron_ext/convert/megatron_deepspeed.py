@@ -95,6 +95,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_ext.checkpoint_format import layer_file
 from megatron_ext.convert import driver
 from megatron_ext.convert.safetensors_io import load_weights_only
 from megatron_ext.errors import UserError
@@ -159,7 +160,7 @@ class Source:
         if self.universal:
             name = f"tied_modules.embed.{key}" if index is None else f"{index}.{key}"
             return self.tag_dir / "zero" / name / "fp32.pt"
-        return self.tag_dir / f"layer_{index:02d}-model_{tp_rank:02d}-model_states.pt"
+        return layer_file(self.tag_dir, index, tp_rank)
 
     def locate(self, hf_name: str) -> tuple[int | None, str]:
         """HF BLOOM or Llama name -> (pipeline index, key in that layer). A Llama q/k/v or

@@ -51,19 +51,18 @@ def _link_source(ckpt, tag_dir: Path) -> None:
     import torch
 
     from megatron_ext import checkpoint_format
-    from megatron_ext.training.universal import universal_info
 
     manifest = checkpoint_format.Manifest(ckpt.tag_dir)
     problem = manifest.check_contents()
     if problem is not None:
         raise UserError(f"{ckpt.tag_dir}: not resharded: {problem}")
     tag_dir.mkdir()
-    info = universal_info(ckpt.config)
+    info = checkpoint_format.universal_info(ckpt.config)
     known = {}
     for path in sorted(ckpt.tag_dir.iterdir()):
         if path.name == checkpoint_format.MANIFEST:
             continue
-        if path.name.startswith("mp_rank_") and path.name.endswith("_model_states.pt"):
+        if checkpoint_format.is_mp_rank_file(path.name):
             state = checkpoint_format.load_file(path, None, map_location="cpu")
             state["universal_checkpoint_info"] = info
             torch.save(state, tag_dir / path.name)

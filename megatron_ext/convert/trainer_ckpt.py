@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_ext.checkpoint_format import mp_rank_file
 from megatron_ext.convert import layout
 from megatron_ext.convert.safetensors_io import atomic_output_dir
 from megatron_ext.errors import UserError
@@ -113,7 +114,7 @@ def _check_model_files(tag_dir: Path) -> str | None:
 
 def open_checkpoint(path: str | Path, iteration: int | None = None) -> TrainerCheckpoint:
     """A trainer checkpoint root (latest or `iteration`) or tag directory, checked complete."""
-    from megatron_ext.training.checkpointing import TAG_RE, verify
+    from megatron_ext.checkpoint_format import TAG_RE, verify
 
     tag_dir = layout.resolve_tag_dir(path, iteration)
     if (tag_dir / "manifest.json").is_file() or TAG_RE.match(tag_dir.name):
@@ -150,7 +151,7 @@ def open_checkpoint(path: str | Path, iteration: int | None = None) -> TrainerCh
 
 
 def _mp_rank_state(config: ModelConfig, tp_size: int, pp_size: int) -> dict:
-    from megatron_ext.training.universal import universal_info
+    from megatron_ext.checkpoint_format import universal_info
 
     return {
         "module": None,  # the pipeline engine reads layer_XX-model_YY files instead
@@ -192,7 +193,7 @@ def write_checkpoint(
             del state
         mp_state = _mp_rank_state(config, tp_size, pp_size)
         for mp_rank in range(tp_size * pp_size):
-            torch.save(mp_state, tmp / tag / f"mp_rank_{mp_rank:02d}_model_states.pt")
+            torch.save(mp_state, mp_rank_file(tmp / tag, mp_rank))
         run_config = {
             "model": config.to_dict(),
             "parallel": {"tp": tp_size, "pp": pp_size},

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import random
-import re
 import shutil
 import time
 from pathlib import Path
@@ -28,7 +27,16 @@ import torch
 import torch.distributed as dist
 
 from megatron_ext import checkpoint_format
-from megatron_ext.checkpoint_format import MANIFEST, Manifest, verify  # noqa: F401 - re-exported
+from megatron_ext.checkpoint_format import (  # noqa: F401 - also used as checkpointing.X
+    MANIFEST,
+    TAG_RE,
+    Manifest,
+    candidates,
+    list_checkpoints,
+    tag_of,
+    verify,
+    write_latest,
+)
 from megatron_ext.config import dump_yaml
 from megatron_ext.errors import UserError
 from megatron_ext.filelock import FileLock, LockHeld
@@ -37,11 +45,6 @@ from megatron_ext.log import get_logger
 log = get_logger(__name__)
 
 RUN_LOCK = ".run.lock"  # held by rank 0 of the run using the directory
-TAG_RE = re.compile(r"^iter_(\d{7})$")
-
-
-def tag_of(iteration: int) -> str:
-    return f"iter_{iteration:07d}"
 
 
 def _rng_state(engine) -> dict:
@@ -91,19 +94,6 @@ def _load_rng(path: Path, manifest: Manifest) -> dict:
         return checkpoint_format.load_file(path, manifest)
 
 
-def write_latest(root: Path, tag: str, name: str = "latest") -> None:
-    tmp = root / f".{name}.tmp"
-    tmp.write_text(tag)
-    os.replace(tmp, root / name)
-
-
-def list_checkpoints(root: Path) -> list[str]:
-    """Complete-looking tags (iter_XXXXXXX directories), oldest first."""
-    if not root.is_dir():
-        return []
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and TAG_RE.match(p.name))
-
-
 def save(engine, root: str, iteration: int, client_state: dict, run_config, keep: int) -> str:
     """Save a checkpoint of every rank (collective); returns the final tag."""
     root_p = Path(root)
@@ -132,7 +122,9 @@ def save(engine, root: str, iteration: int, client_state: dict, run_config, keep
         write_latest(root_p, tag)
         for old in list_checkpoints(root_p)[:-keep] if keep > 0 else []:
             shutil.rmtree(root_p / old, ignore_errors=True)
-            shutil.rmtree(root_p / f"{old}_universal", ignore_errors=True)  # layout-change copy
+            shutil.rmtree(
+                root_p / f"{old}{checkpoint_format.UNIVERSAL_SUFFIX}", ignore_errors=True
+            )  # layout-change copy
         log.info("saved checkpoint %s", final)
     dist.barrier()
     return tag
@@ -146,7 +138,7 @@ def set_aside(root: str, why: list[str]) -> Path | None:
         aside = root_p / time.strftime("set-aside-%Y%m%dT%H%M%SZ", time.gmtime())
         aside.mkdir()
         names = [*list_checkpoints(root_p), "latest", "metrics.jsonl", "tensorboard"]
-        names += [p.name for p in root_p.glob("iter_*_universal")]
+        names += [p.name for p in root_p.glob(f"iter_*{checkpoint_format.UNIVERSAL_SUFFIX}")]
         for name in names:
             if (root_p / name).exists():
                 os.replace(root_p / name, aside / name)
@@ -201,18 +193,6 @@ def lock_run_dir(root: str) -> FileLock | None:
 def release_run_dir(lock: FileLock | None) -> None:
     if lock is not None:
         lock.__exit__(None, None, None)
-
-
-def candidates(root: Path) -> list[str]:
-    """Tags to try, newest first: `latest` first, then older complete checkpoints."""
-    tags = list_checkpoints(root)[::-1]
-    latest = root / "latest"
-    if latest.is_file():
-        name = latest.read_text().strip()
-        if name in tags:
-            tags.remove(name)
-            tags.insert(0, name)
-    return tags
 
 
 def _agree(ok: bool) -> bool:

@@ -22,50 +22,15 @@ from pathlib import Path
 import torch.distributed as dist
 
 from megatron_ext import checkpoint_format
+from megatron_ext.checkpoint_format import universal_info  # noqa: F401 - universal.X
 from megatron_ext.config import read_yaml
 from megatron_ext.errors import UserError
 from megatron_ext.log import get_logger
-from megatron_ext.models.config import ModelConfig
 from megatron_ext.training import checkpointing
 
 log = get_logger(__name__)
 
-SUFFIX = "_universal"
-
-
-def universal_info(model: ModelConfig) -> dict:
-    """client_state["universal_checkpoint_info"]: how each of our parameters is split over TP.
-
-    Only patterns that match a parameter of this model (the converter's strict mode rejects
-    unused ones)."""
-    from deepspeed.checkpoint import constants as c
-
-    replicated = [r".*norm\.weight$"]
-    if model.norm == "layernorm":
-        replicated.append(r".*norm\.bias$")
-    if model.tied_embeddings:  # the final norm is a pipeline layer of its own: "<layer>.weight"
-        replicated.append(r"^\d+\.weight$")
-        if model.norm == "layernorm":
-            replicated.append(r"^\d+\.bias$")
-    if model.bias:
-        replicated += [r".*linear_proj\.bias$", r".*linear_fc2\.bias$"]
-    if model.position_embedding == "learned":
-        replicated.append(r".*position_embeddings$")
-    info = {
-        c.UNIVERSAL_CHECKPOINT_VERSION_KEY: c.UNIVERSAL_CHECKPOINT_VERSION_VALUE,
-        c.TP_REPLICATED_PARAMETER_PATTERNS: replicated,
-        # vocabulary rows are padded per TP size: merged without padding, re-padded on load
-        c.VOCABULARY_PARAMETER_PATTERNS: [r".*word_embeddings\.weight$"]
-        + ([] if model.tied_embeddings else [r".*output_layer\.weight$"]),
-        c.ORIGINAL_VOCAB_SIZE: model.vocab_size,
-        c.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: [
-            r".*linear_proj\.weight$",
-            r".*linear_fc2\.weight$",
-        ],
-    }
-    if model.activation == "swiglu":  # each TP shard is [gate_r; up_r]
-        info["parameter_with_2_sub_params_cat_dim_0"] = [r".*linear_fc1\.weight$"]
-    return info
+SUFFIX = checkpoint_format.UNIVERSAL_SUFFIX
 
 
 def saved_layout(root: str) -> tuple[str, dict] | None:
@@ -135,7 +100,9 @@ def convert(root: str, tag: str) -> str:
                 inject_missing_state=False,
             )
             ds_to_universal.main(args)
-            checkpointing.write_latest(Path(root), out.name, "latest_universal")  # not written
+            checkpointing.write_latest(
+                Path(root), out.name, checkpoint_format.LATEST_UNIVERSAL
+            )  # not written
     box = [problem]
     dist.broadcast_object_list(box, src=0)
     if box[0] is not None:
