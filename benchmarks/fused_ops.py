@@ -30,10 +30,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from megatron_ext import ops
+from megatron_ext import ops, precision
 
 HIDDEN, HEADS, FFN, BATCH = 1024, 16, 4096, 4
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = precision.DTYPES
 
 
 @dataclass

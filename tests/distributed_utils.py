@@ -15,7 +15,6 @@ Mark such tests `@pytest.mark.distributed`.
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 import time
 import traceback
@@ -26,13 +25,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from megatron_ext.parallel.distributed import init_process_group
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
+from megatron_ext.training.ranks import free_port
 
 CUDA_ONLY_BACKEND = "cuda_only_gloo"
 
@@ -78,7 +71,7 @@ def run_distributed_test(
     accelerator: the backend for CUDA tensors ("auto": NCCL/RCCL, for `gpu` tests)."""
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="dist-test-") as out_dir:
-        port = _free_port()
+        port = free_port()
         procs = [
             ctx.Process(
                 target=_worker,

@@ -15,12 +15,13 @@ import os
 import shutil
 from pathlib import Path
 
+from megatron_ext import precision
 from megatron_ext.convert import driver, megatron_deepspeed
 from megatron_ext.errors import UserError
 from megatron_ext.log import get_logger
 
 log = get_logger(__name__)
-DTYPES = ["fp32", "bf16", "fp16"]
+DTYPES = list(precision.NAMES)
 
 
 def _paths(p: argparse.ArgumentParser, first: str, first_help: str) -> None:

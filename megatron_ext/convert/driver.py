@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_ext import precision
 from megatron_ext.config import dump_yaml
 from megatron_ext.convert import layout, shapes
 from megatron_ext.convert.hf_tokenizer import special_token_ids, write_tokenizer_files
@@ -49,7 +50,7 @@ HF_SIZE_KEYS = (  # config.json sizes under the names HF configs use for them
     "vocab_size", "hidden_size", "n_embed", "n_layer", "num_hidden_layers", "n_head",
     "num_attention_heads", "num_key_value_heads", "intermediate_size", "max_position_embeddings",
 )  # fmt: skip
-DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_NAMES = precision.DTYPES
 
 
 def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:

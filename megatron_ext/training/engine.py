@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megatron_ext import checkpoint_format
+from megatron_ext import checkpoint_format, precision
 from megatron_ext.errors import UserError
 from megatron_ext.log import get_logger
 from megatron_ext.models.config import ModelConfig
@@ -41,7 +41,7 @@ from megatron_ext.training.schedule import learning_rate
 
 log = get_logger(__name__)
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = precision.DTYPES
 
 
 def init_distributed(timeout_s: float, accelerator: str | None = "auto") -> torch.device:

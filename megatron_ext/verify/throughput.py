@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from megatron_ext import precision
 from megatron_ext.models.config import ModelConfig
 from megatron_ext.verify.baseline import plain_loop
 from megatron_ext.verify.common import (
@@ -146,7 +147,7 @@ def section_throughput(ctx: SectionContext) -> dict:
     plan = S5_DRY if ctx.dry_run else S5_GPU
     figures = trainer_throughput(ctx, plan, "trainer")
     ctx.partial({"trainer": figures})
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(plan.precision, torch.float32)
+    dtype = precision.DTYPES[plan.precision]
     measured = max(1, figures["steps_measured"])
     try:
         figures |= plain_loop(ctx, model_config(plan), figures["micro_batch"], plan.accumulation,
