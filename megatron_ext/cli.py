@@ -17,7 +17,7 @@ MAX_ERROR_CHARS = 4000
 # name -> (module, one-line help). Modules are imported only when their command runs.
 COMMANDS: dict[str, tuple[str, str]] = {
     "preprocess": ("megatron_ext.data.preprocess_cli", "tokenize corpora into .bin/.idx datasets"),
-    "train-tokenizer": ("megatron_ext.data.tokenizer_training", "train a BPE or unigram tokenizer"),
+    "train-tokenizer": ("megatron_ext.data.tokenizer_cli", "train a BPE or unigram tokenizer"),
     "merge-datasets": ("megatron_ext.data.merge_cli", "concatenate indexed datasets"),
     "inspect": ("megatron_ext.data.inspect_cli", "summarise or decode an indexed dataset"),
     "inspect-blend": (

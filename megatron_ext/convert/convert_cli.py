@@ -74,7 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # internal: one spawned rank of --with-optimizer (see reshard_optim.py)
     reshard.add_argument("--worker-dir", help=argparse.SUPPRESS)
     reshard.add_argument("--worker-tag", help=argparse.SUPPRESS)
-    megatron_deepspeed.add_parser(sub)  # from-megatron-deepspeed
+    _add_from_megatron_deepspeed(sub)
 
 
 def _to_hf(args: argparse.Namespace) -> int:
@@ -131,7 +131,7 @@ def _reshard(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     if args.direction == "from-megatron-deepspeed":
-        return megatron_deepspeed.run(args)
+        return _from_megatron_deepspeed(args)
     if args.direction == "to-hf":
         return _to_hf(args)
     if args.direction == "from-hf":
@@ -147,3 +147,28 @@ def run(args: argparse.Namespace) -> int:
     if args.direction == "reshard":
         return _reshard(args)
     raise UserError(f"convert: unknown direction {args.direction!r}")
+
+
+def _add_from_megatron_deepspeed(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "from-megatron-deepspeed",
+        help="Megatron-DeepSpeed (BLOOM or Llama layer files) or universal checkpoint -> ours",
+    )
+    p.add_argument("--input", required=True, help="checkpoint root (latest) or global_stepN dir")
+    p.add_argument("--output", required=True, help="checkpoint root to create (must not exist)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (1)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (1)")
+    p.add_argument("--dtype", choices=list(driver.DTYPE_NAMES), help="default: as stored")
+    p.add_argument(
+        "--hf-config", help="BLOOM or Llama config.json (default: Megatron's saved args)"
+    )
+    p.add_argument("--vocab-size", type=int, help="keep this many embedding rows (no padding)")
+
+
+def _from_megatron_deepspeed(args: argparse.Namespace) -> int:
+    tag_dir = megatron_deepspeed.convert(
+        args.input, args.output, args.tp, args.pp,
+        dtype=args.dtype, hf_config=args.hf_config, vocab_size=args.vocab_size,
+    )  # fmt: skip
+    print(f"wrote {tag_dir} (load with: train --reset-progress checkpoint.load=...)")
+    return 0

@@ -615,29 +615,3 @@ def convert(
     return write_checkpoint(
         output, shards, config, tp_size, pp_size, dtype=driver.parse_dtype(dtype)
     )
-
-
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    """`convert from-megatron-deepspeed` (registered by convert_cli)."""
-    p = sub.add_parser(
-        "from-megatron-deepspeed",
-        help="Megatron-DeepSpeed (BLOOM or Llama layer files) or universal checkpoint -> ours",
-    )
-    p.add_argument("--input", required=True, help="checkpoint root (latest) or global_stepN dir")
-    p.add_argument("--output", required=True, help="checkpoint root to create (must not exist)")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (1)")
-    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (1)")
-    p.add_argument("--dtype", choices=list(driver.DTYPE_NAMES), help="default: as stored")
-    p.add_argument(
-        "--hf-config", help="BLOOM or Llama config.json (default: Megatron's saved args)"
-    )
-    p.add_argument("--vocab-size", type=int, help="keep this many embedding rows (no padding)")
-
-
-def run(args: argparse.Namespace) -> int:
-    tag_dir = convert(
-        args.input, args.output, args.tp, args.pp,
-        dtype=args.dtype, hf_config=args.hf_config, vocab_size=args.vocab_size,
-    )  # fmt: skip
-    print(f"wrote {tag_dir} (load with: train --reset-progress checkpoint.load=...)")
-    return 0
