@@ -7,9 +7,8 @@ embeddings, biases everywhere, pre-LN. HF `BloomForCausalLM` fuses QKV per head 
 
 from __future__ import annotations
 
-from megatron_ext.errors import UserError
 from megatron_ext.models.config import ModelConfig
-from megatron_ext.models.keymap import KeyMapEntry, ModelFamily
+from megatron_ext.models.keymap import KeyMapEntry, ModelFamily, require_fields
 
 RECIPE = {
     "family": "bloom",
@@ -98,12 +97,7 @@ def check_hf_compatible(config: ModelConfig) -> None:
         "num_kv_heads": config.num_attention_heads,
         "ffn_hidden_size": 4 * config.hidden_size,
     }
-    for name, value in wanted.items():
-        if getattr(config, name) != value:
-            raise UserError(
-                f"model config: BloomForCausalLM needs {name}={value!r}, got "
-                f"{getattr(config, name)!r}; change it or use another family"
-            )
+    require_fields(config, "BloomForCausalLM", wanted)
 
 
 def to_hf_config(config: ModelConfig) -> dict:

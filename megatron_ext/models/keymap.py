@@ -198,3 +198,14 @@ def merge_to_hf(
         for alias, source in family.hf_tied_keys.items():
             out[alias] = out[source]
     return out
+
+
+def require_fields(config: ModelConfig, architecture: str, wanted: dict) -> None:
+    """Raise naming the first field of CONFIG that differs from WANTED (field -> value), the
+    values a Hugging Face ARCHITECTURE can express."""
+    for name, value in wanted.items():
+        if getattr(config, name) != value:
+            raise UserError(
+                f"model config: {architecture} needs {name}={value!r}, got "
+                f"{getattr(config, name)!r}; change it or use another family"
+            )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from megatron_ext.errors import UserError
 from megatron_ext.models.config import ModelConfig
-from megatron_ext.models.keymap import KeyMapEntry, ModelFamily
+from megatron_ext.models.keymap import KeyMapEntry, ModelFamily, require_fields
 
 RECIPE = {
     "family": "llama",
@@ -86,12 +86,7 @@ def check_hf_compatible(config: ModelConfig) -> None:
         "embedding_layernorm": False,
         "activation": "swiglu",
     }
-    for name, value in wanted.items():
-        if getattr(config, name) != value:
-            raise UserError(
-                f"model config: LlamaForCausalLM needs {name}={value!r}, got "
-                f"{getattr(config, name)!r}; change it or use another family"
-            )
+    require_fields(config, "LlamaForCausalLM", wanted)
 
 
 def to_hf_config(config: ModelConfig) -> dict:
