@@ -79,11 +79,11 @@ def _step(run_dir: Path, name: str, fn: Callable[[], dict]) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megatron_ext.data.html_corpus import sample_corpus_path
     from megatron_ext.data.indexed_dataset import IndexedDataset
     from megatron_ext.data.inspect_cli import describe
     from megatron_ext.data.preprocess import PreprocessConfig, preprocess
     from megatron_ext.data.tokenizer_training import train_tokenizer
+    from megatron_ext.demo.gimp_corpus import sample_corpus_path
     from megatron_ext.eval.harness import go_offline
 
     go_offline()  # nothing here downloads; make sure transformers/datasets never try

@@ -30,7 +30,7 @@ SAMPLE_VOCAB_SIZE = 2000
 @pytest.fixture(scope="session")
 def fi_sample_path():
     """The bundled Finnish corpus, megatron_ext/assets/fi_gimp_sample.jsonl.gz (201 docs)."""
-    from megatron_ext.data.html_corpus import sample_corpus_path
+    from megatron_ext.demo.gimp_corpus import sample_corpus_path
 
     return sample_corpus_path()
 

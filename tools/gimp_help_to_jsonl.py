@@ -6,22 +6,22 @@
 
 The bundled sample megatron_ext/assets/fi_gimp_sample.jsonl.gz was made with
     --output megatron_ext/assets/fi_gimp_sample.jsonl.gz --min-finnish 0.5
-Logic: megatron_ext/data/html_corpus.py.
+Logic: megatron_ext/demo/gimp_corpus.py.
 """
 
 import argparse
 import sys
 
-from megatron_ext.data import html_corpus
+from megatron_ext.demo import gimp_corpus
 from megatron_ext.errors import UserError
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    html_corpus.add_arguments(parser)
+    gimp_corpus.add_arguments(parser)
     args = parser.parse_args()
     try:
-        return html_corpus.run(args)
+        return gimp_corpus.run(args)
     except UserError as exc:
         print(f"gimp_help_to_jsonl: error: {exc}", file=sys.stderr)
         return 2

@@ -5,15 +5,15 @@
     python tools/make_eval_tasks.py --output DIR --check # fail if DIR differs from a fresh build
 
 Deterministic: the same sample gives the same files byte for byte.
-Logic: megatron_ext/eval/gimp_tasks.py.
+Logic: megatron_ext/demo/gimp_tasks.py.
 """
 
 import argparse
 import sys
 from pathlib import Path
 
-from megatron_ext.data.html_corpus import sample_corpus_path
-from megatron_ext.eval.gimp_tasks import build_tasks, iter_task_files, write_tasks
+from megatron_ext.demo.gimp_corpus import sample_corpus_path
+from megatron_ext.demo.gimp_tasks import build_tasks, iter_task_files, write_tasks
 from megatron_ext.eval.tasks import bundled_tasks_dir
 
 

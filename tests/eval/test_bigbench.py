@@ -116,8 +116,8 @@ def test_written_tasks_load_in_lm_eval(tmp_path, monkeypatch):
 
 
 def test_bundled_tasks_are_valid_and_regenerable():
-    from megatron_ext.data.html_corpus import sample_corpus_path
-    from megatron_ext.eval.gimp_tasks import build_tasks
+    from megatron_ext.demo.gimp_corpus import sample_corpus_path
+    from megatron_ext.demo.gimp_tasks import build_tasks
 
     found = discover(bundled_tasks_dir())
     assert list(found) == ["fi_gimp_completion", "fi_gimp_generation"]

@@ -1,4 +1,4 @@
-"""HTML -> JSON Lines extraction (megatron_ext.data.html_corpus, tools/gimp_help_to_jsonl.py)."""
+"""HTML -> JSON Lines extraction (megatron_ext.demo.gimp_corpus, tools/gimp_help_to_jsonl.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_ext.data.html_corpus import (
+from megatron_ext.demo.gimp_corpus import (
     DEFAULT_INPUT_DIR,
     HtmlCorpusConfig,
     build_html_corpus,
