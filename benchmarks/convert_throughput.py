@@ -30,7 +30,6 @@ run the input files are read once so that every side starts with them in the pag
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -62,30 +61,9 @@ def synthetic_config(size_gb: float):
 
 
 def make(out: Path, size_gb: float) -> None:
-    import torch
+    from megatron_ext.convert.synthetic import write_synthetic_hf
 
-    from megatron_ext.convert import driver
-    from megatron_ext.convert.meta_check import expected_shard_shapes
-    from megatron_ext.convert.safetensors_io import (
-        ShardedSafetensorsWriter,
-        TensorSpec,
-        atomic_output_dir,
-    )
-    from megatron_ext.models import get_family
-
-    config, family = synthetic_config(size_gb), get_family("bloom")
-    ours = expected_shard_shapes(config, 1)
-    specs = driver.hf_specs_from_shards(
-        lambda r, n: TensorSpec(n, torch.float32, ours[n]), family, config, 1
-    )
-    gen = torch.Generator().manual_seed(0)
-    with atomic_output_dir(out) as tmp:
-        writer = ShardedSafetensorsWriter(tmp, specs, 10**9)
-        for spec in specs:  # one tensor in memory at a time
-            writer.write(spec.name, torch.randn(spec.shape, generator=gen) * 0.02)
-        writer.finish()
-        hf_config = {"model_type": "bloom", **family.to_hf_config(config)}
-        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
+    write_synthetic_hf(out, synthetic_config(size_gb))
 
 
 # ------------------------------------------------------------------ baseline (older scripts)

@@ -16,16 +16,13 @@ import time
 from pathlib import Path
 
 import psutil
-import torch
 
 from megatron_ext.convert import driver
 from megatron_ext.convert.safetensors_io import (
     HFCheckpoint,
-    ShardedSafetensorsWriter,
-    TensorSpec,
-    atomic_output_dir,
 )
-from megatron_ext.models import ModelConfig, get_family
+from megatron_ext.convert.synthetic import write_synthetic_hf
+from megatron_ext.models import ModelConfig
 
 
 def synthetic_config(size_gb: float) -> ModelConfig:
@@ -41,23 +38,7 @@ def synthetic_config(size_gb: float) -> ModelConfig:
 
 
 def make(out: Path, size_gb: float) -> None:
-    config = synthetic_config(size_gb)
-    family = get_family("llama")
-    # HF shapes from the driver on meta tensors of our tp=1 layout.
-    from megatron_ext.convert.meta_check import expected_shard_shapes
-
-    ours = expected_shard_shapes(config, 1)
-    specs = driver.hf_specs_from_shards(
-        lambda r, n: TensorSpec(n, torch.float32, ours[n]), family, config, 1
-    )
-    gen = torch.Generator().manual_seed(0)
-    with atomic_output_dir(out) as tmp:
-        writer = ShardedSafetensorsWriter(tmp, specs, 10**9)
-        for spec in specs:  # one tensor in memory at a time
-            writer.write(spec.name, torch.randn(spec.shape, generator=gen) * 0.02)
-        writer.finish()
-        hf_config = {"model_type": "llama", **family.to_hf_config(config)}
-        (tmp / "config.json").write_text(json.dumps(hf_config))
+    write_synthetic_hf(out, synthetic_config(size_gb))
 
 
 def main(argv: list[str]) -> None:
