@@ -35,6 +35,7 @@ from megatron_ext.convert.safetensors_io import (
     TensorSpec,
     atomic_output_dir,
     parse_size,
+    read_json_object,
 )
 from megatron_ext.errors import UserError
 from megatron_ext.log import get_logger
@@ -75,12 +76,7 @@ def read_hf_config(hf_dir: str | Path) -> tuple[ModelFamily, ModelConfig]:
     path = Path(hf_dir) / "config.json"
     if not path.is_file():
         raise UserError(f"{path} is missing; give a Hugging Face model directory")
-    try:
-        hf_config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{path}: not readable JSON ({str(exc)[:200]}); fix it") from None
-    if not isinstance(hf_config, dict):
-        raise UserError(f"{path}: not a JSON object (a Hugging Face model config)")
+    hf_config = read_json_object(path, "fix it", " (a Hugging Face model config)")
     family = family_of(hf_config, str(path))
     bad = [k for k in HF_SIZE_KEYS if hf_config.get(k) is not None]
     bad = [k for k in bad if type(hf_config[k]) is not int]

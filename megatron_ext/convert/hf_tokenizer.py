@@ -15,6 +15,7 @@ import json
 import shutil
 from pathlib import Path
 
+from megatron_ext.convert.safetensors_io import read_json_object
 from megatron_ext.data.tokenizer import EOD_CANDIDATES, METADATA_FILE
 from megatron_ext.errors import UserError
 from megatron_ext.log import get_logger
@@ -34,13 +35,7 @@ ROLE_NAMES = {
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{path}: not readable JSON ({str(exc)[:200]}); fix or remove it") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: not a JSON object; fix or remove it")
-    return data
+    return read_json_object(path, "fix or remove it")
 
 
 def _token_text(value) -> str | None:

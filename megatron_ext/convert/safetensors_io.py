@@ -322,6 +322,18 @@ def confined(directory: Path, entry: str, where: Path) -> Path:
     return path
 
 
+def read_json_object(path: Path, fix: str, what: str = "") -> dict:
+    """A JSON file holding an object; UserError naming PATH otherwise (FIX says what to do,
+    WHAT what the object should be)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: not readable JSON ({str(exc)[:200]}); {fix}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: not a JSON object{what}; {fix}")
+    return data
+
+
 def read_weight_map(directory: Path, index: Path) -> dict[str, Path]:
     """tensor name -> file of a `*.index.json`, every file confined to `directory`."""
     try:
