@@ -149,19 +149,21 @@ class Manifest:
                 f"{meta['crc32']} (corrupted or replaced after it was saved)"
             )
 
-    def check_contents(self, workers: int = 4) -> str | None:
-        """None when every file's size and checksum match (files read in WORKERS threads)."""
-        problem = self.check_sizes()
-        if problem is not None:
-            return problem
+    def check_files(self, names, workers: int = 4) -> str | None:
+        """None when the listed files NAMES match their checksums (read in WORKERS threads),
+        else the first problem."""
         with ThreadPoolExecutor(max(1, workers)) as pool:
-            futures = [pool.submit(self.check_file, self.tag_dir / n) for n in self.files]
+            futures = [pool.submit(self.check_file, self.tag_dir / n) for n in names]
             for fut in futures:
                 try:
                     fut.result()
                 except CheckpointRefused as exc:
                     return str(exc)
         return None
+
+    def check_contents(self, workers: int = 4) -> str | None:
+        """None when every file's size and checksum match (files read in WORKERS threads)."""
+        return self.check_sizes() or self.check_files(self.files, workers)
 
     def digest(self) -> str:
         """One checksum over every file's name, size and checksum: the checkpoint's content key."""
@@ -275,14 +277,17 @@ def checkpoint_engine():
                     out[str(Path(path).relative_to(tag_dir))] = self.written.pop(path)
             return out
 
+        def manifest(self, tag_dir: Path) -> Manifest:
+            """TAG_DIR's manifest, read once until `forget_manifests`."""
+            tag_dir = Path(os.path.abspath(tag_dir))
+            if tag_dir not in self._manifests:
+                self._manifests[tag_dir] = Manifest(tag_dir)
+            return self._manifests[tag_dir]
+
         def load(self, path: str, map_location=None):
             path_p = Path(os.path.abspath(path))
             tag_dir = _tag_dir_of(path_p)
-            manifest = None
-            if tag_dir is not None:
-                manifest = self._manifests.get(tag_dir)
-                if manifest is None:
-                    manifest = self._manifests[tag_dir] = Manifest(tag_dir)
+            manifest = None if tag_dir is None else self.manifest(tag_dir)
             return load_file(path_p, manifest, map_location)
 
         def forget_manifests(self) -> None:

@@ -130,7 +130,8 @@ def reshard_rank(work: Path, tag: str, output: Path, tp_size: int, pp_size: int)
         cfg.checkpoint.dir, cfg.checkpoint.load = str(output), None
         model_config = cfg.model
         engine = engine_mod.build_engine(cfg, model_config, load_universal=True)
-        universal_tag = universal.convert(str(work), tag)
+        # the source was checked file by file before the ranks started (_link_source)
+        universal_tag = universal.convert(str(work), tag, checked=True)
         found = checkpointing.load(engine, str(work), universal_tag=universal_tag)
         if found is None:
             raise RuntimeError(f"{work / universal_tag}: the universal checkpoint did not load")

@@ -22,6 +22,7 @@ from megatron_ext.log import get_logger
 from megatron_ext.models.config import ModelConfig
 from megatron_ext.models.keymap import SPLITS, TRANSFORMS, ModelFamily, expand_key_map
 from megatron_ext.models.model import build_model
+from megatron_ext.models.partition import qkv_local_shape
 
 log = get_logger(__name__)
 Shape = tuple[int, ...]
@@ -49,8 +50,7 @@ def expected_hf_shapes(family: ModelFamily, config: ModelConfig) -> dict[str, Sh
 
 def expected_shard_shapes(config: ModelConfig, tp_size: int) -> dict[str, Shape]:
     """Our parameters' shapes on one TP rank, from the layers' TP attributes (not the key map)."""
-    nkv, hn = config.num_kv_heads, config.head_dim
-    g = config.num_attention_heads // nkv
+    nkv_l, g_l = qkv_local_shape(config, tp_size)  # kv heads may be replicated over ranks
     out = {}
     for name, p in build_model(config, device="meta").named_parameters():
         shape = list(p.shape)
@@ -58,8 +58,8 @@ def expected_shard_shapes(config: ModelConfig, tp_size: int) -> dict[str, Shape]
             d = p.partition_dim
             if name.endswith(("word_embeddings.weight", "output_layer.weight")):
                 shape[d] = config.padded_vocab_size(tp_size) // tp_size
-            elif "linear_qkv" in name and nkv % tp_size:  # kv heads replicated over ranks
-                shape[d] = (g // (tp_size // nkv) + 2) * hn
+            elif "linear_qkv" in name:
+                shape[d] = nkv_l * (g_l + 2) * config.head_dim
             else:
                 shape[d] //= tp_size
         out[name] = tuple(shape)

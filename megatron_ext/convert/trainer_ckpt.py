@@ -94,34 +94,20 @@ def _client_state(tag_dir: Path) -> dict:
     return state if isinstance(state, dict) else {}
 
 
-def _check_model_files(tag_dir: Path) -> str | None:
-    """The checksums of the files a conversion reads (layer_* and mp_rank_*; the optimizer
-    shards are not read), in parallel. None when they match."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from megatron_ext.checkpoint_format import CheckpointRefused, Manifest
-
-    manifest = Manifest(tag_dir)
-    names = [n for n in manifest.files if n.startswith(("layer_", "mp_rank_"))]
-    with ThreadPoolExecutor(4) as pool:
-        for fut in [pool.submit(manifest.check_file, tag_dir / n) for n in names]:
-            try:
-                fut.result()
-            except CheckpointRefused as exc:
-                return str(exc)
-    return None
-
-
 def open_checkpoint(path: str | Path, iteration: int | None = None) -> TrainerCheckpoint:
     """A trainer checkpoint root (latest or `iteration`) or tag directory, checked complete."""
-    from megatron_ext.checkpoint_format import TAG_RE, verify
+    from megatron_ext.checkpoint_format import TAG_RE, Manifest, verify
 
     tag_dir = layout.resolve_tag_dir(path, iteration)
     if (tag_dir / "manifest.json").is_file() or TAG_RE.match(tag_dir.name):
         problem = verify(tag_dir)
         if problem is not None:
             raise UserError(f"{tag_dir}: incomplete checkpoint: {problem}")
-        problem = _check_model_files(tag_dir)
+        # the files a conversion reads (the optimizer shards are not)
+        manifest = Manifest(tag_dir)
+        problem = manifest.check_files(
+            [n for n in manifest.files if n.startswith(("layer_", "mp_rank_"))]
+        )
         if problem is not None:
             raise UserError(f"{tag_dir}: not converted: {problem}")
     run_config = layout.read_run_config(tag_dir)

@@ -250,7 +250,7 @@ def load(
         rng = root_p / tag / f"rng_rank{dist.get_rank()}.pt"
         if not weights_only and not universal_tag and rng.is_file():
             try:
-                state = _load_rng(rng, Manifest(root_p / tag))
+                state = _load_rng(rng, engine.ds.checkpoint_engine.manifest(root_p / tag))
             except checkpoint_format.CheckpointRefused as exc:
                 log.warning("checkpoint %s failed to load: %s", root_p / tag, exc)
                 failures.append(f"{root_p / tag}: failed to load: {exc}")

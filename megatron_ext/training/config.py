@@ -276,9 +276,7 @@ RETIRED_KEYS = {
 def saved_run_config(path: str | Path) -> RunConfig:
     """The RunConfig a checkpoint saved (`<tag>/config.yaml`), read by this version (retired
     keys dropped)."""
-    from megatron_ext.config import from_dict, read_yaml
-
-    data = read_yaml(path)
+    data = config_io.read_yaml(path)
     model = data.get("model")
     if isinstance(model, str) or (isinstance(model, dict) and "preset" in model):
         name = model if isinstance(model, str) else model["preset"]
@@ -292,4 +290,4 @@ def saved_run_config(path: str | Path) -> RunConfig:
         if isinstance(data.get(section), dict):
             for key in keys:
                 data[section].pop(key, None)
-    return from_dict(RunConfig, data, where=str(path))
+    return config_io.from_dict(RunConfig, data, where=str(path))

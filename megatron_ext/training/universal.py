@@ -77,17 +77,18 @@ def needs_universal(root: str, tp: int, pp: int, dp: int) -> str | None:
     return tag
 
 
-def convert(root: str, tag: str) -> str:
+def convert(root: str, tag: str, checked: bool = False) -> str:
     """Rank 0 converts `tag` to `<tag>_universal` (once), all ranks wait. Returns the new tag.
 
-    The source is checked first, every file against its manifest checksum, and DeepSpeed's
-    converter (which calls torch.load(weights_only=False)) runs with weights-only loads forced."""
+    The source is checked first, every file against its manifest checksum (unless the caller
+    already did: `checked`), and DeepSpeed's converter (which calls
+    torch.load(weights_only=False)) runs with weights-only loads forced."""
     from deepspeed.checkpoint import ds_to_universal
 
     out = Path(root) / (tag + SUFFIX)
     problem = None
     if dist.get_rank() == 0 and not (out / "zero").is_dir():
-        problem = checkpoint_format.verify_contents(Path(root) / tag)
+        problem = None if checked else checkpoint_format.verify_contents(Path(root) / tag)
         if problem is None:
             checkpoint_format.forbid_code_in_loads()
             args = argparse.Namespace(
