@@ -51,6 +51,34 @@ def _drop_local_rank(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    code = _run(argv)
+    if argv is None:  # a program, not a caller: see exit_after_shutdown
+        exit_after_shutdown(code)
+    return code
+
+
+def exit_after_shutdown(code: int) -> None:
+    """Leave with os._exit (after flushing) when this process shut down a process group.
+
+    Trap (training/engine.py): even after barrier + destroy_process_group, about one rank in a
+    hundred aborted in interpreter finalization with "terminate called without an active
+    exception" (gloo work destroyed while the interpreter goes away). Nothing is left to run
+    after a clean shutdown, so skipping finalization loses nothing; logs are flushed first."""
+    engine = sys.modules.get("megatron_ext.training.engine")
+    if engine is None or not engine.was_shut_down():
+        return
+    import logging
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
+def _run(argv: list[str] | None) -> int:
     argv = _drop_local_rank(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="megatron-ext")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

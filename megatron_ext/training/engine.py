@@ -14,6 +14,10 @@ regression test in tests/training/test_engine.py:
 - pipeline activation checkpointing with the reentrant function fails on the embedding:
   non-reentrant torch.utils.checkpoint, only on PipeBlock layers;
 - ~1 in 6-10 gloo runs abort at exit: `shutdown()` ends with barrier + destroy_process_group;
+  even then ~1 in 100+ rank processes still aborted in interpreter finalization ("terminate
+  called without an active exception": a gloo worker thread's work object destroyed while the
+  interpreter is torn down), so a program whose process group was shut down cleanly leaves
+  with os._exit after flushing (`cli.main`, `exit_after_shutdown`);
 - subgroups ignore init_process_group's timeout (30 min on gloo): `apply_collective_timeout`
   (regression test: test_resume.py::test_stuck_rank_times_out_naming_stage_and_collective).
 """
@@ -85,11 +89,21 @@ def apply_collective_timeout(timeout_s: float) -> int:
     return len(groups)
 
 
+_SHUT_DOWN = False
+
+
 def shutdown() -> None:
     """Trap: gloo runs sometimes abort at exit without a final barrier + destroy."""
+    global _SHUT_DOWN
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+        _SHUT_DOWN = True
+
+
+def was_shut_down() -> bool:
+    """True once this process's group was torn down cleanly by `shutdown`."""
+    return _SHUT_DOWN
 
 
 def deepspeed_config(cfg: RunConfig, dp_size: int, load_universal: bool = False) -> dict:

@@ -86,3 +86,38 @@ def test_deepspeed_traps_are_handled(tmp_path):
     assert r0["losses"] == r1["losses"]
     assert torch.equal(r0["tied"], r1["tied"])  # first and last stage stay tied
     assert torch.equal(r0["saved"], r0["tied"])  # the trained tied weight was saved
+
+
+EXIT_SCRIPT = """
+import atexit, os, sys
+import torch.distributed as dist
+from megatron_ext import cli
+from megatron_ext.training import engine
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", WORLD_SIZE="1")
+cli.exit_after_shutdown(5)  # no process group yet: returns
+atexit.register(lambda: print("finalization ran", flush=True))
+dist.init_process_group("gloo")
+engine.shutdown()
+print("before exit", end="")  # unflushed: exit_after_shutdown flushes it
+cli.exit_after_shutdown(7)
+print("not reached")
+"""
+
+
+def test_exit_after_shutdown_flushes_and_skips_finalization():
+    """After a clean shutdown the program leaves with os._exit: its code, its buffered output,
+    and no interpreter finalization (where gloo aborted ~1 rank in 100)."""
+    import subprocess
+    import sys
+
+    from megatron_ext.training.ranks import free_port
+
+    proc = subprocess.run(
+        [sys.executable, "-c", EXIT_SCRIPT, str(free_port())],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 7, proc.stderr[-2000:]
+    assert proc.stdout.endswith("before exit")  # DeepSpeed may print its accelerator first
+    assert "finalization ran" not in proc.stdout and "not reached" not in proc.stdout
