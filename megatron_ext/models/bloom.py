@@ -8,7 +8,13 @@ embeddings, biases everywhere, pre-LN. HF `BloomForCausalLM` fuses QKV per head 
 from __future__ import annotations
 
 from megatron_ext.models.config import ModelConfig
-from megatron_ext.models.keymap import KeyMapEntry, ModelFamily, require_fields
+from megatron_ext.models.keymap import (
+    KeyMapEntry,
+    MegatronDeepSpeed,
+    ModelFamily,
+    megatron_block_keys,
+    require_fields,
+)
 
 RECIPE = {
     "family": "bloom",
@@ -85,6 +91,33 @@ KEY_MAP = (
     ),
 )
 
+# BigScience Megatron-DeepSpeed (BLOOM, FinGPT, BLUUMI): GPTModelPipe with transpose layers
+# around the blocks: 0 _to_float16, 1 tied embedding (+ its LayerNorm), 2 transpose, blocks
+# 3..L+2, L+3 transpose back, L+4 final LayerNorm, L+5 the tied embedding again (no file).
+MEGATRON_DEEPSPEED = MegatronDeepSpeed(
+    block_offset=2,
+    final_offset=2,
+    keys={
+        "embedding.word_embeddings.weight": ("embed", "word_embeddings.weight"),
+        "embedding.norm.weight": ("embed", "word_embeddings.norm.weight"),
+        "embedding.norm.bias": ("embed", "word_embeddings.norm.bias"),
+        **megatron_block_keys(),
+        "head.final_norm.weight": ("final", "weight"),
+        "head.final_norm.bias": ("final", "bias"),
+    },
+    requires={
+        "position_embedding_type": "alibi",
+        "embed_layernorm": True,
+        "glu_activation": None,
+        "swiglu": False,
+        "normalization": "layernorm",
+        "add_bias_linear": True,
+        "apply_residual_connection_post_layernorm": False,
+    },
+    description="a BLOOM-architecture model (ALiBi, embedding LayerNorm, GeLU, linear biases, "
+    "pre-LN residual)",
+)
+
 
 def check_hf_compatible(config: ModelConfig) -> None:
     """Raise if `config` has no BloomForCausalLM equivalent (names the field to change)."""
@@ -143,4 +176,5 @@ FAMILY = ModelFamily(
     to_hf_config=to_hf_config,
     from_hf_config=from_hf_config,
     hf_tied_keys={"lm_head.weight": "transformer.word_embeddings.weight"},
+    megatron_deepspeed=MEGATRON_DEEPSPEED,
 )

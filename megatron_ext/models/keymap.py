@@ -14,6 +14,11 @@ vocabulary; merging drops the padding), "qkv" and "glu" (interleaved row layouts
 attention.py / transformer.py), None (replicated on every TP rank).
 `hf_to_ours` and `merge_to_hf` are what the conversion driver composes (with pipeline stages
 and checkpoint I/O on top).
+
+A family may also describe its layout in Megatron-DeepSpeed checkpoints (`MegatronDeepSpeed`):
+where each of our parameters sits in GPTModelPipe's layer files, keyed by the same names as the
+key map, so that reader merges the TP shards with the same split rules and reaches HF names
+through the same transforms (convert/megatron_deepspeed.py).
 """
 
 from __future__ import annotations
@@ -50,6 +55,27 @@ class KeyMapEntry:
 
 
 @dataclass(frozen=True)
+class MegatronDeepSpeed:
+    """A family's layout in Megatron-DeepSpeed's GPTModelPipe checkpoints.
+
+    Pipeline layers, from the embedding's index E: block i at E + block_offset + i, the final
+    norm `final_offset` after the last block, an untied output layer right after the norm.
+    `keys`: our parameter name ("{layer}" for blocks) -> (part, key in that layer's file), part
+    one of "embed", "block", "final", "head". A fused tensor's TP shards are merged by the
+    key-map entry's split rule: Megatron's shards are ours ([nkv/tp, g + 2, hn] QKV rows, each
+    rank's gate rows then its up rows), and so are the full tensors of universal checkpoints.
+    `requires`: Megatron `args` (as the reader normalises them: position_embedding_type is
+    "alibi", "rope" or "absolute") -> the value this family needs; the reader picks the family
+    whose requirements the args meet and names the args that differ otherwise."""
+
+    block_offset: int
+    final_offset: int
+    keys: Mapping[str, tuple[str, str]]
+    requires: Mapping[str, object]
+    description: str  # what `requires` says, for the refusal
+
+
+@dataclass(frozen=True)
 class ModelFamily:
     """What a family contributes: recipe (ModelConfig defaults), presets, HF key map."""
 
@@ -61,6 +87,28 @@ class ModelFamily:
     to_hf_config: Callable[[ModelConfig], dict]
     from_hf_config: Callable[[dict], ModelConfig]
     hf_tied_keys: dict[str, str] = field(default_factory=dict)  # alias -> source when tied
+    megatron_deepspeed: MegatronDeepSpeed | None = None  # its Megatron-DeepSpeed layout
+
+
+# Our block modules -> Megatron-DeepSpeed's (ParallelTransformerLayerPipe, every family).
+MEGATRON_BLOCK_MODULES = {
+    "input_norm": "input_layernorm",
+    "attention.linear_qkv": "self_attention.query_key_value",
+    "attention.linear_proj": "self_attention.dense",
+    "post_attention_norm": "post_attention_layernorm",
+    "mlp.linear_fc1": "mlp.dense_h_to_4h",
+    "mlp.linear_fc2": "mlp.dense_4h_to_h",
+}
+
+
+def megatron_block_keys() -> dict[str, tuple[str, str]]:
+    """`MegatronDeepSpeed.keys` of the blocks (weights and biases; a family's key map says
+    which of them it has)."""
+    return {
+        f"layers.{{layer}}.{ours}.{p}": ("block", f"{theirs}.{p}")
+        for ours, theirs in MEGATRON_BLOCK_MODULES.items()
+        for p in ("weight", "bias")
+    }
 
 
 # --- transforms: HF tensors <-> our full tensor ------------------------------------------

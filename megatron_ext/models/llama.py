@@ -10,7 +10,13 @@ from __future__ import annotations
 
 from megatron_ext.errors import UserError
 from megatron_ext.models.config import ModelConfig
-from megatron_ext.models.keymap import KeyMapEntry, ModelFamily, require_fields
+from megatron_ext.models.keymap import (
+    KeyMapEntry,
+    MegatronDeepSpeed,
+    ModelFamily,
+    megatron_block_keys,
+    require_fields,
+)
 
 RECIPE = {
     "family": "llama",
@@ -75,6 +81,33 @@ KEY_MAP = (
     _fused("attention.linear_qkv", _QKV, "bias", "qkv_from_q_k_v", tp_split="qkv", requires="bias"),
     _fused("mlp.linear_fc1", _GLU, "weight", "glu_from_gate_up", tp_split="glu"),
     _fused("mlp.linear_fc1", _GLU, "bias", "glu_from_gate_up", tp_split="glu", requires="bias"),
+)
+
+# Microsoft/LumiOpen Megatron-DeepSpeed with --swiglu --normalization rmsnorm
+# --use-rotary-position-embeddings --disable-bias-linear [--untie-embeddings-and-output-weights]
+# [--num-key-value-heads N]: GPTModelPipe without transpose layers: 0 _to_float16,
+# 1 embedding, blocks 2..L+1, L+2 final RMSNorm, L+3 lm_head (untied only).
+MEGATRON_DEEPSPEED = MegatronDeepSpeed(
+    block_offset=1,
+    final_offset=1,
+    keys={
+        "embedding.word_embeddings.weight": ("embed", "word_embeddings.weight"),
+        **megatron_block_keys(),
+        "head.final_norm.weight": ("final", "weight"),
+        "head.output_layer.weight": ("head", "lm_head.weight"),
+    },
+    requires={
+        "swiglu": True,
+        "normalization": "rmsnorm",
+        "position_embedding_type": "rope",
+        "add_position_embedding": False,
+        "rotary_percent": 1.0,
+        "add_bias_linear": False,
+        "glu_activation": None,
+        "apply_residual_connection_post_layernorm": False,
+    },
+    description="a Llama-architecture model (SwiGLU, RMSNorm, rotary positions on whole heads, "
+    "no learned positions, no linear biases, pre-norm residual)",
 )
 
 
@@ -152,4 +185,5 @@ FAMILY = ModelFamily(
     to_hf_config=to_hf_config,
     from_hf_config=from_hf_config,
     hf_tied_keys={"lm_head.weight": "model.embed_tokens.weight"},
+    megatron_deepspeed=MEGATRON_DEEPSPEED,
 )

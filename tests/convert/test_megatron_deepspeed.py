@@ -311,3 +311,7 @@ def test_cli_and_non_bloom_args(bloom, megatron_enums, tmp_path):
     write_megatron(rotary, bloom["state"], megatron_args(PositionEmbeddingType.rotary))
     with pytest.raises(UserError, match="position_embedding_type"):
         convert(rotary, tmp_path / "rotary_out")
+    wide = tmp_path / "wide"
+    write_megatron(wide, bloom["state"], megatron_args(ffn_hidden_size=3 * HIDDEN))
+    with pytest.raises(UserError, match=f"needs ffn_hidden_size={4 * HIDDEN}, got {3 * HIDDEN}"):
+        convert(wide, tmp_path / "wide_out")

@@ -129,6 +129,68 @@ def llama_args(**changes) -> argparse.Namespace:
     return argparse.Namespace(**{**args, **changes})
 
 
+def universal_from_layer_files(tag_dir: Path, root: Path, args: argparse.Namespace) -> Path:
+    """zero/<param>/fp32.pt as DeepSpeed's ds_to_universal merges Megatron-DeepSpeed's TP
+    shards with the model's universal_checkpoint_info (deepspeed/checkpoint/ds_to_universal.py,
+    merge_tp_slices): replicated -> rank 0's; row parallel -> cat on dim 1; SwiGLU's
+    dense_h_to_4h (two sub-parameters) -> all ranks' first halves, then all second halves;
+    anything else (QKV, vocabulary) -> cat on dim 0; vocabulary tables cut to the tokenizer's
+    size. Parameter names: "<pipeline layer>.<key>", "tied_modules.embed.<key>" when tied."""
+    out = root / "global_step9_universal"
+    tied = not args.untie_embeddings_and_output_weights
+    files = sorted(tag_dir.glob("layer_*-model_00-model_states.pt"))
+    for path in files:
+        index = int(path.name[6:8])
+        for key in torch.load(path, weights_only=True):
+            slices = [
+                torch.load(path.with_name(path.name.replace("model_00", f"model_{r:02d}")),
+                           weights_only=True)[key]
+                for r in range(SRC_TP)
+            ]  # fmt: skip
+            if key.endswith("layernorm.weight") or key == "weight":
+                full = slices[0]
+            elif key in ("self_attention.dense.weight", "mlp.dense_4h_to_h.weight"):
+                full = torch.cat(slices, dim=1)
+            elif key == "mlp.dense_h_to_4h.weight":
+                halves = [s.chunk(2) for s in slices]
+                full = torch.cat(
+                    [torch.cat([h[0] for h in halves]), torch.cat([h[1] for h in halves])]
+                )
+            else:
+                full = torch.cat(slices)
+            if key in ("word_embeddings.weight", "lm_head.weight"):
+                full = full[:VOCAB]
+            name = (
+                f"tied_modules.embed.{key}"
+                if tied and key == "word_embeddings.weight"
+                else f"{index}.{key}"
+            )
+            (out / "zero" / name).mkdir(parents=True)
+            torch.save(
+                {"param": full.float().clone(), "cat_dim": 0}, out / "zero" / name / "fp32.pt"
+            )
+    write_mp_rank_files(out, args)
+    (root / "latest_universal").write_text(out.name)
+    return out
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_llama_universal_checkpoint_converts_like_hf(llama, tied_llama, tmp_path, tied):
+    """Llama universal checkpoints are read like BLOOM's: the fused QKV rows (grouped per kv
+    head) and the SwiGLU [gate; up] rows as DeepSpeed merges them."""
+    model = tied_llama if tied else llama
+    args = llama_args(untie_embeddings_and_output_weights=not tied)
+    tag_dir = write_llama_megatron(tmp_path / "mds", model["state"], args)
+    universal_from_layer_files(tag_dir, tmp_path / "uc", args)
+    out = tmp_path / "ours"
+    convert(tmp_path / "uc", out, 2, 2)  # vocabulary: the universal table's rows
+    assert_same_checkpoint(out, from_hf(model, tmp_path, 2, 2))
+    missing = tmp_path / "uc" / "global_step9_universal" / "zero" / "3.mlp.dense_h_to_4h.weight"
+    shutil.rmtree(missing)
+    with pytest.raises(UserError, match=r"zero/3\.mlp\.dense_h_to_4h\.weight/fp32\.pt is missing"):
+        convert(tmp_path / "uc", tmp_path / "out")
+
+
 @pytest.mark.parametrize(("tp", "pp"), [(1, 1), (2, 2)])
 def test_llama_layer_files_convert_like_hf(llama, tmp_path, tp, pp):
     write_llama_megatron(tmp_path / "mds", llama["state"], llama_args())
@@ -179,11 +241,16 @@ def test_llama_refusals_leave_nothing(llama, tmp_path):
     with pytest.raises(UserError, match="rotary_percent=0.5"):
         convert(tmp_path / "mds", tmp_path / "out" / "a")
     shutil.rmtree(tmp_path / "mds")
+    write_llama_megatron(tmp_path / "mds", llama["state"], llama_args(normalization="layernorm"))
+    with pytest.raises(UserError, match="normalization='layernorm' \\(needs 'rmsnorm'\\)"):
+        convert(tmp_path / "mds", tmp_path / "out" / "a")  # named against the closest family
+    shutil.rmtree(tmp_path / "mds")
+    write_llama_megatron(tmp_path / "mds", llama["state"], llama_args(kv_channels=HN // 2))
+    with pytest.raises(UserError, match=f"kv_channels={HN // 2}"):
+        convert(tmp_path / "mds", tmp_path / "out" / "a")
+    shutil.rmtree(tmp_path / "mds")
     tag_dir = write_llama_megatron(tmp_path / "mds", llama["state"], llama_args())
     (tag_dir / f"layer_{LAYERS + 3:02d}-model_01-model_states.pt").unlink()  # lm_head, rank 1
     with pytest.raises(UserError, match=f"layer_{LAYERS + 3:02d}-model_01.*is missing"):
         convert(tmp_path / "mds", tmp_path / "out" / "b")
-    (tag_dir / "zero").mkdir()
-    with pytest.raises(UserError, match="universal checkpoint of a Llama"):
-        convert(tmp_path / "mds", tmp_path / "out" / "c")
     assert not leftovers(tmp_path / "out") and not any((tmp_path / "out").glob("*"))
