@@ -101,6 +101,18 @@ def init_process_group(
     return device
 
 
+def set_group_timeouts(timeout_s: float) -> int:
+    """Give every process group of this process the collective timeout TIMEOUT_S (new groups
+    get torch's default, not init_process_group's); returns how many groups."""
+    from torch.distributed import distributed_c10d as c10d
+
+    timeout = datetime.timedelta(seconds=timeout_s)
+    groups = list(c10d._world.pg_map)
+    for group in groups:
+        c10d._set_pg_timeout(timeout, group)
+    return len(groups)
+
+
 # Fallback only: torch raises DistError subclasses for most backend failures, but a few paths
 # (gloo's pair transport, older DeepSpeed p2p) still raise plain RuntimeError with these texts.
 _FAILURE_PATTERNS = (

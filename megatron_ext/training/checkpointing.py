@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -41,6 +42,7 @@ from megatron_ext.config import dump_yaml
 from megatron_ext.errors import UserError
 from megatron_ext.filelock import FileLock, LockHeld
 from megatron_ext.log import get_logger
+from megatron_ext.parallel import distributed
 
 log = get_logger(__name__)
 
@@ -95,7 +97,21 @@ def _load_rng(path: Path, manifest: Manifest) -> dict:
 
 
 def save(engine, root: str, iteration: int, client_state: dict, run_config, keep: int) -> str:
-    """Save a checkpoint of every rank (collective); returns the final tag."""
+    """Save a checkpoint of every rank (collective); returns the final tag.
+
+    The collectives inside run under checkpoint.save_timeout_s (restored to
+    train.collective_timeout_s after): a slow filesystem must not time a save out. Rotated
+    checkpoints are deleted by a background thread of rank 0 after `latest` moved, outside the
+    critical path (`wait_for_rotation` joins it)."""
+    timeouts = (run_config.checkpoint.save_timeout_s, run_config.train.collective_timeout_s)
+    distributed.set_group_timeouts(timeouts[0])
+    try:
+        return _save(engine, root, iteration, client_state, run_config, keep)
+    finally:
+        distributed.set_group_timeouts(timeouts[1])
+
+
+def _save(engine, root: str, iteration: int, client_state: dict, run_config, keep: int) -> str:
     root_p = Path(root)
     tag = tag_of(iteration)
     tmp_tag = tag + ".tmp"
@@ -120,14 +136,44 @@ def save(engine, root: str, iteration: int, client_state: dict, run_config, keep
             shutil.rmtree(final)
         os.replace(root_p / tmp_tag, final)
         write_latest(root_p, tag)
-        for old in list_checkpoints(root_p)[:-keep] if keep > 0 else []:
-            shutil.rmtree(root_p / old, ignore_errors=True)
-            shutil.rmtree(
-                root_p / f"{old}{checkpoint_format.UNIVERSAL_SUFFIX}", ignore_errors=True
-            )  # layout-change copy
+        _rotate(root_p, list_checkpoints(root_p)[:-keep] if keep > 0 else [])
         log.info("saved checkpoint %s", final)
     dist.barrier()
     return tag
+
+
+_ROTATION: threading.Thread | None = None
+
+
+def _rotate(root: Path, old: list[str]) -> None:
+    """Delete the rotated checkpoints OLD (and their universal copies) in the background; a
+    deletion still running from the previous save is waited for first."""
+    global _ROTATION
+    wait_for_rotation()
+    # renamed first (fast, atomic): a resume never picks a half-deleted checkpoint
+    doomed = sorted(root.glob(".*.deleting"))  # left by a run killed while deleting
+    for tag in old:
+        for name in (tag, f"{tag}{checkpoint_format.UNIVERSAL_SUFFIX}"):
+            if (root / name).exists():
+                os.replace(root / name, root / f".{name}.deleting")
+                doomed.append(root / f".{name}.deleting")
+
+    def delete() -> None:
+        for path in doomed:
+            shutil.rmtree(path, ignore_errors=True)
+
+    if not doomed:
+        return
+    _ROTATION = threading.Thread(target=delete, name="checkpoint-rotation", daemon=True)
+    _ROTATION.start()
+
+
+def wait_for_rotation() -> None:
+    """Join the background deletion of rotated checkpoints (before exit, before the next)."""
+    global _ROTATION
+    if _ROTATION is not None:
+        _ROTATION.join()
+        _ROTATION = None
 
 
 def set_aside(root: str, why: list[str]) -> Path | None:
@@ -201,6 +247,15 @@ def _agree(ok: bool) -> bool:
     return int(flag.item()) == 0
 
 
+def _verified_once(tag_dir: Path) -> str | None:
+    """`verify(tag_dir)` (a stat of every file of the manifest) on rank 0 only, the result
+    shared: at 384 ranks every rank stat-ing every file is a metadata storm on Lustre. Each rank
+    still checks the checksum of each file it reads (the checkpoint engine)."""
+    box = [verify(tag_dir) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def load(
     engine,
     root: str,
@@ -222,7 +277,7 @@ def load(
     engine.ds.checkpoint_engine.forget_manifests()  # read each tag's manifest afresh
     tags = [universal_tag] if universal_tag else [only_tag] if only_tag else candidates(root_p)
     for tag in tags:
-        problem = None if universal_tag else verify(root_p / tag)
+        problem = None if universal_tag else _verified_once(root_p / tag)
         if not _agree(problem is None):
             problem = problem or "incomplete on another rank"
             log.warning("checkpoint %s skipped: %s; trying an older one", root_p / tag, problem)

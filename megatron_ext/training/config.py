@@ -105,6 +105,10 @@ class CheckpointConfig:
     # when `dir` holds checkpoints and none of them loads: move them to dir/set-aside-*/ and
     # start from step 1 (without it that is an error); a run whose checkpoint loads resumes
     start_over: bool = False
+    # the collective timeout while a checkpoint is written (instead of train.collective_timeout_s):
+    # a 176B save writes ~5.5 GB per rank, which a busy parallel filesystem can stretch past the
+    # step timeout; `plan`/`--dry-run` print the expected save time
+    save_timeout_s: float = 3600.0
 
 
 @dataclass
@@ -235,6 +239,12 @@ class RunConfig:
                 f"train.collective_timeout_s={t.collective_timeout_s} must be a positive number",
             ),
             (self.checkpoint.keep >= 0, "checkpoint.keep must be >= 0 (0 keeps every checkpoint)"),
+            (
+                math.isfinite(self.checkpoint.save_timeout_s)
+                and self.checkpoint.save_timeout_s > 0,
+                f"checkpoint.save_timeout_s={self.checkpoint.save_timeout_s} must be a positive "
+                "number",
+            ),
             (self.data.seq_length >= 1, f"data.seq_length={self.data.seq_length} must be >= 1"),
         ]
         for ok, what in checks:

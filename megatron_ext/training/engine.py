@@ -80,13 +80,7 @@ def apply_collective_timeout(timeout_s: float) -> int:
     with `dist.new_group(ranks)` (our tp/pp/dp groups, DeepSpeed's grid and ZeRO groups) get
     torch's default (30 min for gloo), so a stuck peer would hang a TP all-reduce or a pipeline
     send/recv for half an hour. Call after the engine has created its groups."""
-    from torch.distributed import distributed_c10d as c10d
-
-    timeout = datetime.timedelta(seconds=timeout_s)
-    groups = list(c10d._world.pg_map)
-    for group in groups:
-        c10d._set_pg_timeout(timeout, group)
-    return len(groups)
+    return distributed.set_group_timeouts(timeout_s)
 
 
 _SHUT_DOWN = False

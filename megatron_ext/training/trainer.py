@@ -360,5 +360,6 @@ def _train(cfg: RunConfig, stop: StopConditions, hooks: list) -> dict:
             log.info("stopping at step %d: %s (%s)", state.iteration, result["stopped"], saved)
     finally:
         metrics.close()
+        checkpointing.wait_for_rotation()
     result["iteration"] = state.iteration
     return result

@@ -9,6 +9,9 @@ faults (JSON in MEGATRON_EXT_FAULTS):
                               agreed stop check every 0.2 s until a stop condition fires (a test
                               can then have Slurm's own time-limit signal interrupt it, however
                               fast the machine is)
+    slow_save_step, slow_save_rank, slow_save_s
+                              that rank sleeps slow_save_s before writing the checkpoint of that
+                              step (a filesystem slower than the collective timeout)
 """
 
 from __future__ import annotations
@@ -36,8 +39,18 @@ def from_env(cfg) -> Faults | None:
 
 
 class Faults:
-    def __init__(self, nonfinite_steps=(), hang_step=None, hang_rank=0, hold_step=None):
+    def __init__(
+        self,
+        nonfinite_steps=(),
+        hang_step=None,
+        hang_rank=0,
+        hold_step=None,
+        slow_save_step=None,
+        slow_save_rank=0,
+        slow_save_s=0.0,
+    ):
         self.nonfinite_steps = set(nonfinite_steps)
+        self.slow_save = (slow_save_step, slow_save_rank, slow_save_s)
         self.hang_step, self.hang_rank, self.hold_step = hang_step, hang_rank, hold_step
         self.poison = False
         self.installed = False
@@ -50,6 +63,20 @@ class Faults:
         )
         if self.hang_step is not None and dist.get_rank() == self.hang_rank:
             module.register_forward_pre_hook(self._maybe_hang)
+        step, rank, seconds = self.slow_save
+        if step is not None and dist.get_rank() == rank:
+            files = engine.ds.checkpoint_engine
+            save = files.save
+
+            def slow(state_dict, path):
+                if self.step == step and not self.slept:
+                    log.warning("fault injection: rank %d saves %.0f s late", rank, seconds)
+                    time.sleep(seconds)
+                    self.slept = True
+                return save(state_dict, path)
+
+            files.save = slow
+        self.slept = False
         self.installed = True
 
     def _maybe_hang(self, module, args) -> None:
