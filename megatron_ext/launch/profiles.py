@@ -66,6 +66,8 @@ class ClusterProfile:
     max_nodes: int | None = None
     # Time limit: USR1 this many seconds before the limit; the trainer saves and exits 0.
     signal_margin_s: int = 300
+    # per-job write bandwidth of the checkpoint filesystem (GB/s): `plan` prints the save time
+    filesystem_write_gb_s: float = 10.0
     requeue: bool = True
     max_requeues: int = 20
     launcher: str = "torch"
@@ -184,6 +186,8 @@ def _check(p: ClusterProfile) -> None:
         raise bad("gpu_directive", f"must be one of {', '.join(GPU_DIRECTIVES)}")
     if p.signal_margin_s < 0:
         raise bad("signal_margin_s", "must be 0 (no signal) or more seconds")
+    if not p.filesystem_write_gb_s > 0:
+        raise bad("filesystem_write_gb_s", "must be a positive bandwidth in GB/s")
     for s in p.task_env:
         if "'" in str(s.value):
             raise bad(f"task_env.{s.name}", "values are rendered inside single quotes; drop the '")

@@ -97,6 +97,22 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {_short(c)}: {'; '.join(c.reasons)}")
         print("more nodes, a shorter sequence, or a smaller global batch would help")
         return 1
+    from megatron_ext.planner import checkpoint_io
+
+    tp0 = good[0].layout.tp
+    save = checkpoint_io.save_report(
+        checkpoint_io.checkpoint_bytes(model, tp0, req.precision),
+        profile.filesystem_write_gb_s,
+        profile.signal_margin_s,
+        3600.0,  # checkpoint.save_timeout_s's default
+    )
+    print(
+        f"checkpoint: {save['gb']:,.1f} GB (weights, fp32 master, Adam moments); a save takes "
+        f"~{save['save_s']:,.0f} s at {save['filesystem_gb_s']:g} GB/s against a Slurm signal "
+        f"margin of {save['signal_margin_s']} s"
+    )
+    for warning in save["warnings"]:
+        print(f"  warning: {warning}")
     print("\nproposed: " + _short(good[0]))
     print(_breakdown(good[0]))
     for reason in good[0].reasons:

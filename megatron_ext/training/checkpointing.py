@@ -112,6 +112,7 @@ def save(engine, root: str, iteration: int, client_state: dict, run_config, keep
 
 
 def _save(engine, root: str, iteration: int, client_state: dict, run_config, keep: int) -> str:
+    started = time.monotonic()
     root_p = Path(root)
     tag = tag_of(iteration)
     tmp_tag = tag + ".tmp"
@@ -128,16 +129,20 @@ def _save(engine, root: str, iteration: int, client_state: dict, run_config, kee
     dist.all_gather_object(written, files.take_written(root_p / tmp_tag))
     if rank == 0:
         dump_yaml(run_config, root_p / tmp_tag / "config.yaml")
-        checkpoint_format.write_manifest(
-            root_p / tmp_tag, {k: v for part in written for k, v in part.items()}
-        )
+        checksums = {k: v for part in written for k, v in part.items()}
+        checkpoint_format.write_manifest(root_p / tmp_tag, checksums)
         final = root_p / tag
         if final.exists():
             shutil.rmtree(final)
         os.replace(root_p / tmp_tag, final)
         write_latest(root_p, tag)
         _rotate(root_p, list_checkpoints(root_p)[:-keep] if keep > 0 else [])
-        log.info("saved checkpoint %s", final)
+        seconds = time.monotonic() - started
+        size = sum(size for size, _ in checksums.values())
+        log.info(
+            "saved checkpoint %s in %.1f s (%.3g GB, %.3g GB/s)",
+            final, seconds, size / 1e9, size / 1e9 / max(seconds, 1e-9),
+        )  # fmt: skip
     dist.barrier()
     return tag
 

@@ -35,6 +35,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(default: this machine's GPU, or its RAM shared by the ranks of this node)",
     )
     p.add_argument(
+        "--filesystem-gb-s",
+        type=float,
+        default=None,
+        help="with --dry-run: the checkpoint filesystem's write bandwidth for this job, for the "
+        "expected save time (default 10 GB/s)",
+    )
+    p.add_argument(
+        "--signal-margin-s",
+        type=float,
+        default=300,
+        help="with --dry-run: seconds between Slurm's time-limit signal and the kill (the "
+        "profile's signal_margin_s; default 300)",
+    )
+    p.add_argument(
         "--reset-progress",
         action="store_true",
         help="continued pretraining: load weights only (checkpoint.load), new schedule",
@@ -75,9 +89,16 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
     return cfg
 
 
-def dry_run_report(cfg: RunConfig, world_size: int) -> dict:
-    """Resolved config, layout, parameters per stage and a memory estimate (no processes)."""
+def dry_run_report(
+    cfg: RunConfig,
+    world_size: int,
+    filesystem_gb_s: float | None = None,
+    signal_margin_s: float = 300,
+) -> dict:
+    """Resolved config, layout, parameters per stage, a memory estimate and the checkpoint's
+    size and save time (no processes)."""
     from megatron_ext.models.model import count_parameters
+    from megatron_ext.planner import checkpoint_io
     from megatron_ext.planner.memory import Layout, estimate_stages
     from megatron_ext.training.pipeline import partition_report
 
@@ -113,6 +134,12 @@ def dry_run_report(cfg: RunConfig, world_size: int) -> dict:
             for i in range(pp)
         ],
         "partition": report.format(),
+        "checkpoint": checkpoint_io.save_report(
+            checkpoint_io.checkpoint_bytes(model, tp, cfg.train.precision),
+            filesystem_gb_s or checkpoint_io.DEFAULT_FILESYSTEM_GB_S,
+            signal_margin_s,
+            cfg.checkpoint.save_timeout_s,
+        ),
     }
 
 
@@ -173,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
         )
         # DeepSpeed's logger writes to stdout, created on first import: keep stdout the report
         with contextlib.redirect_stdout(sys.stderr):
-            report = dry_run_report(cfg, world)
+            report = dry_run_report(cfg, world, args.filesystem_gb_s, args.signal_margin_s)
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or args.nproc_per_node or world
         _check_fits(report, args.device_memory_gb, local)
         print(dump_yaml(cfg), end="")
@@ -183,6 +210,8 @@ def run(args: argparse.Namespace) -> int:
                 {k: v for k, v in report.items() if k not in ("config", "partition")}, indent=2
             )
         )
+        for warning in report["checkpoint"]["warnings"]:
+            log.warning("%s", warning)
         return 0
     if args.nproc_per_node:
         from megatron_ext.training.ranks import spawn_local

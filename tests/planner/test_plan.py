@@ -61,6 +61,20 @@ def test_plan_cli(capsys):
     assert "176.25B parameters" in out and "proposed: " in out
     assert "memory per device" in out and "run config:" in out
     assert any(line.split()[:5] == ["4", "12", "8", "2", "full"] for line in out.splitlines())
+    # 176.25e9 (tp-padded vocabulary) x 14 bytes: BLOOM's "2.3 TB with optimizer states";
+    # 247 s at the profile's 10 GB/s, inside its 600 s signal margin (no warning)
+    assert "checkpoint: 2,467.5 GB" in out and "~247 s at 10 GB/s" in out
+    assert "warning" not in out
+
+
+def test_save_time_warnings():
+    from megatron_ext.planner.checkpoint_io import save_report
+
+    ok = save_report(2.4e12, 20, 600, 3600)
+    assert ok["save_s"] == 120.0 and not ok["warnings"]
+    slow = save_report(2.4e12, 2, 600, 1000)  # 1200 s: past the margin and the save timeout
+    assert len(slow["warnings"]) == 2
+    assert "signal margin" in slow["warnings"][0] and "save_timeout_s" in slow["warnings"][1]
 
 
 def test_plan_cli_json_and_no_fit(capsys):

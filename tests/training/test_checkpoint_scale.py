@@ -79,3 +79,15 @@ def test_a_save_slower_than_the_collective_timeout_completes(fi_dataset, tmp_pat
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "fault injection: rank 1 saves 15 s late" in proc.stderr
     assert (ckpt / "latest").read_text() == "iter_0000002"
+    assert "GB/s)" in proc.stderr  # the save's time and bandwidth are logged
+
+    # the size `plan` and `--dry-run` print (weights + fp32 master + Adam moments) against the
+    # files this dp=2 fp32 run wrote
+    from megatron_ext.planner.checkpoint_io import checkpoint_bytes
+    from megatron_ext.training.config import saved_run_config
+
+    tag = ckpt / "iter_0000002"
+    cfg = saved_run_config(tag / "config.yaml")
+    predicted = checkpoint_bytes(cfg.model, cfg.parallel.tp, cfg.train.precision)
+    actual = sum(p.stat().st_size for p in tag.glob("*.pt") if not p.name.startswith("rng_"))
+    assert abs(actual / predicted - 1) < 0.1, (actual, predicted)
