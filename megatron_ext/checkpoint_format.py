@@ -310,6 +310,12 @@ LATEST = "latest"
 # by `latest_universal`
 UNIVERSAL_SUFFIX = "_universal"
 LATEST_UNIVERSAL = "latest_universal"
+UNIVERSAL_COMPLETE = "complete.json"  # written last by the conversion (convert/to_universal.py)
+
+
+def universal_complete(root: Path, tag: str) -> bool:
+    """Whether `<tag>_universal` under ROOT is a finished conversion of TAG."""
+    return (Path(root) / f"{tag}{UNIVERSAL_SUFFIX}" / UNIVERSAL_COMPLETE).is_file()
 
 
 def tag_of(iteration: int) -> str:

@@ -5,6 +5,8 @@ convert.trainer_ckpt (see layout.py for the checkpoint layout on our side).
                   [--tokenizer T] [--max-shard-size S] [--verify]
     convert from-hf --hf-dir HF_DIR --output DIR --tp T --pp P [--dtype ...]
     convert reshard --checkpoint DIR [--iteration N] --output DIR --tp T --pp P
+                    [--with-optimizer [--workers W]]
+    convert reshard --with-optimizer --universal --checkpoint DIR [--workers W]
 The older positional forms (`to-hf CKPT OUT`, `from-hf HF OUT`) still work.
 """
 
@@ -63,13 +65,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     reshard = sub.add_parser("reshard", help="trainer checkpoint -> another (tp, pp), offline")
     _paths(reshard, "--checkpoint", "checkpoint root (with `latest`) or an iter_XXXXXXX dir")
     reshard.add_argument("--iteration", type=int, help="reshard iter N instead of `latest`")
-    reshard.add_argument("--tp", type=int, required=True, help="new tensor-parallel size")
-    reshard.add_argument("--pp", type=int, required=True, help="new pipeline-parallel size")
+    reshard.add_argument("--tp", type=int, help="new tensor-parallel size")
+    reshard.add_argument("--pp", type=int, help="new pipeline-parallel size")
     reshard.add_argument("--dtype", choices=DTYPES, help="weights dtype (default: as saved)")
     reshard.add_argument(
         "--with-optimizer",
         action="store_true",
         help="also the ZeRO-1 optimizer state and schedule (spawns tp*pp local ranks)",
+    )
+    reshard.add_argument(
+        "--universal",
+        action="store_true",
+        help="with --with-optimizer, no --output/--tp/--pp: convert the checkpoint in place to "
+        "a universal one (<tag>_universal), which `train` at any (tp, pp, dp) loads: how a run "
+        "changes layout. Resumable: run it again after a kill",
+    )
+    reshard.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes converting to the universal checkpoint (memory: each holds one ZeRO "
+        "shard file or one parameter's TP slices)",
     )
     # internal: one spawned rank of --with-optimizer (see reshard_optim.py)
     reshard.add_argument("--worker-dir", help=argparse.SUPPRESS)
@@ -109,7 +125,21 @@ def _to_hf(args: argparse.Namespace) -> int:
 def _reshard(args: argparse.Namespace) -> int:
     from megatron_ext.convert import reshard_optim, trainer_ckpt
 
-    src, out = _pick(args, "checkpoint", "--checkpoint"), _pick(args, "output", "--output")
+    src = _pick(args, "checkpoint", "--checkpoint")
+    if args.workers < 1:
+        raise UserError(f"convert reshard: --workers {args.workers}: give at least 1")
+    if args.universal:
+        if not args.with_optimizer or args.output or args.output_pos or args.tp or args.pp:
+            raise UserError(
+                "convert reshard --universal converts in place: give --with-optimizer and "
+                "--checkpoint, no --output/--tp/--pp"
+            )
+        tag_dir = reshard_optim.convert_in_place(src, args.iteration, args.workers)
+        print(f"wrote {tag_dir} (train at any tp, pp, dp now resumes from it)")
+        return 0
+    out = _pick(args, "output", "--output")
+    if args.tp is None or args.pp is None:
+        raise UserError("convert reshard: --tp and --pp are required (or --universal)")
     if args.worker_dir:
         return reshard_optim.reshard_rank(
             Path(args.worker_dir), args.worker_tag, Path(out), args.tp, args.pp
@@ -118,7 +148,7 @@ def _reshard(args: argparse.Namespace) -> int:
         if args.dtype:
             raise UserError("convert reshard: --dtype applies to weights-only resharding")
         tag_dir = reshard_optim.reshard_with_optimizer(
-            src, out, args.tp, args.pp, iteration=args.iteration
+            src, out, args.tp, args.pp, iteration=args.iteration, workers=args.workers
         )
         print(f"wrote {tag_dir} (weights, optimizer state, schedule; resume with train)")
         return 0

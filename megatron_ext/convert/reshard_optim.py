@@ -2,12 +2,16 @@
 (tp, pp), written by DeepSpeed itself.
 
 The source tag is converted to a DeepSpeed universal checkpoint in a work directory beside the
-output (the source checkpoint is only read: the work directory links to it), then tp * pp local
-ranks build the real engine at the new layout, load the universal checkpoint exactly as a
-layout-change resume does (training/universal.py) and save a regular trainer checkpoint
-(training/checkpointing.save). The output has dp = 1; resuming it at another dp goes through
-the trainer's own universal conversion again. The work directory is removed at the end; the
-output appears under its final name only when every rank has saved.
+output (the source checkpoint is only read: the work directory links to it) by `workers`
+processes (convert/to_universal.py), then tp * pp local ranks build the real engine at the new
+layout, load the universal checkpoint exactly as a layout-change resume does and save a regular
+trainer checkpoint (training/checkpointing.save). The output has dp = 1. The work directory
+`.<output>.reshard` is removed at the end; a run that was killed leaves it, and running the
+same command again resumes the conversion. The output appears under its final name only when
+every rank has saved.
+
+`--universal` instead converts the checkpoint in place (`<tag>_universal` beside it), which a
+`train` at any (tp, pp, dp) then loads: the way a large run changes layout.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import os
 import shutil
 from pathlib import Path
 
+from megatron_ext import checkpoint_format
 from megatron_ext.convert import layout
 from megatron_ext.convert.trainer_ckpt import open_checkpoint
 from megatron_ext.errors import UserError
@@ -50,8 +55,6 @@ def _link_source(ckpt, tag_dir: Path) -> None:
     checked against its manifest checksum first; the copy gets its own manifest."""
     import torch
 
-    from megatron_ext import checkpoint_format
-
     manifest = checkpoint_format.Manifest(ckpt.tag_dir)
     problem = manifest.check_contents()
     if problem is not None:
@@ -82,9 +85,11 @@ def reshard_with_optimizer(
     *,
     iteration: int | None = None,
     timeout_s: float | None = None,
+    workers: int = 1,
 ) -> Path:
-    """Spawn tp_size * pp_size local ranks that rewrite the checkpoint at the new layout.
-    Returns the new tag directory."""
+    """Convert to a universal checkpoint with WORKERS processes, then spawn tp_size * pp_size
+    local ranks that rewrite it at the new layout. Returns the new tag directory."""
+    from megatron_ext.convert import to_universal
     from megatron_ext.training.ranks import spawn_local
 
     ckpt = open_checkpoint(checkpoint, iteration)
@@ -93,11 +98,15 @@ def reshard_with_optimizer(
     if output.exists():
         raise UserError(f"{output} already exists; remove it or choose another output directory")
     output.parent.mkdir(parents=True, exist_ok=True)
-    work = output.parent / f".{output.name}.reshard-{os.getpid()}"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir()
-    try:
+    work = output.parent / f".{output.name}.reshard"
+    if not (work / ckpt.tag_dir.name / checkpoint_format.MANIFEST).is_file():
+        shutil.rmtree(work, ignore_errors=True)  # not even the links were complete
+        work.mkdir()
         _link_source(ckpt, work / ckpt.tag_dir.name)
+    else:
+        log.info("%s: resuming a stopped reshard", work)
+    to_universal.convert(work, ckpt.tag_dir.name, workers, checked=True)
+    try:
         argv = [
             "convert", "reshard", "--checkpoint", str(checkpoint), "--output", str(output),
             "--tp", str(tp_size), "--pp", str(pp_size), "--with-optimizer",
@@ -108,8 +117,21 @@ def reshard_with_optimizer(
             shutil.rmtree(output, ignore_errors=True)
             raise RuntimeError(f"reshard --with-optimizer: a rank failed (exit code {code})")
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(work / "output", ignore_errors=True)  # a rank's partial save
+    shutil.rmtree(work, ignore_errors=True)
     return output / (output / "latest").read_text().strip()
+
+
+def convert_in_place(checkpoint: str | Path, iteration: int | None, workers: int) -> Path:
+    """`--universal`: the checkpoint's `<tag>_universal` beside it (resumable)."""
+    from megatron_ext.convert import to_universal
+
+    ckpt = open_checkpoint(checkpoint, iteration)
+    if not any(ckpt.tag_dir.glob("*zero_pp_rank_*_optim_states.pt")):
+        raise UserError(f"{ckpt.tag_dir} has no optimizer state: nothing to convert")
+    return ckpt.tag_dir.parent / to_universal.convert(
+        ckpt.tag_dir.parent, ckpt.tag_dir.name, workers
+    )
 
 
 def reshard_rank(work: Path, tag: str, output: Path, tp_size: int, pp_size: int) -> int:
@@ -130,8 +152,8 @@ def reshard_rank(work: Path, tag: str, output: Path, tp_size: int, pp_size: int)
         cfg.checkpoint.dir, cfg.checkpoint.load = str(output), None
         model_config = cfg.model
         engine = engine_mod.build_engine(cfg, model_config, load_universal=True)
-        # the source was checked file by file before the ranks started (_link_source)
-        universal_tag = universal.convert(str(work), tag, checked=True)
+        # converted (and the source checked) before the ranks started
+        universal_tag = tag + checkpoint_format.UNIVERSAL_SUFFIX
         found = checkpointing.load(engine, str(work), universal_tag=universal_tag)
         if found is None:
             raise RuntimeError(f"{work / universal_tag}: the universal checkpoint did not load")

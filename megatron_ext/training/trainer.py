@@ -151,11 +151,11 @@ def evaluate_loss(
 
 
 def _universal_tag(cfg: RunConfig) -> str | None:
-    """The checkpoint to convert when checkpoint.dir was saved at another (pp, dp) layout."""
-    world = dist.get_world_size()
-    return universal.needs_universal(
-        cfg.checkpoint.dir, cfg.parallel.tp, cfg.parallel.pp, cfg.data_parallel_size(world)
-    )
+    """The universal checkpoint to load when checkpoint.dir was saved at another (tp, pp, dp)
+    layout (converted offline first: else a UserError naming the command)."""
+    layout = (cfg.parallel.tp, cfg.parallel.pp, cfg.data_parallel_size(dist.get_world_size()))
+    tag = universal.needs_universal(cfg.checkpoint.dir, *layout)
+    return None if tag is None else universal.require_converted(cfg.checkpoint.dir, tag, *layout)
 
 
 def check_load_layout(cfg: RunConfig) -> None:
@@ -181,8 +181,7 @@ def _resume(engine: Engine, cfg: RunConfig, universal_tag: str | None) -> TrainS
     pretraining run); else start from checkpoint.load (weights only with reset_progress)."""
     own = cfg.checkpoint.dir
     if universal_tag:
-        tag = universal.convert(own, universal_tag)
-        found, reset = checkpointing.load(engine, own, universal_tag=tag), False
+        found, reset = checkpointing.load(engine, own, universal_tag=universal_tag), False
     elif checkpointing.candidates(Path(own)) or not cfg.checkpoint.load:
         failures: list[str] = []
         found, reset = checkpointing.load(engine, own, failures=failures), False

@@ -1,10 +1,12 @@
 """Layout change: resume a checkpoint saved at another pipeline or data-parallel size through
 DeepSpeed's universal checkpoint (model, ZeRO-1 optimizer state and schedule all carried over).
 
-Traps handled here (regression test: tests/training/test_layout_change.py):
+The conversion itself is an offline step (convert/to_universal.py, `convert reshard
+--with-optimizer --universal`); `train` refuses a layout change until it is done, naming the
+command. Traps handled (regression test: tests/training/test_layout_change.py):
 - `ds_to_universal` needs `universal_checkpoint_info` in the saved client_state: every
   checkpoint carries it (`universal_info`), with the TP patterns of our parameter names;
-- it does not write `latest_universal`: we write it.
+- it does not write `latest_universal`: the conversion writes it.
 TP size changes: the fused QKV rows are grouped per kv head ([nkv, g + 2, hn]), so TP shards
 concatenate to the full weight when both TP sizes divide the kv heads (otherwise refused with a
 clear error); the SwiGLU fc1 shards are [gate_r; up_r] (DeepSpeed's 2-sub-params pattern);
@@ -16,10 +18,8 @@ the loss (weights and Adam moments alike; test_tp_change_with_other_vocab_paddin
 
 from __future__ import annotations
 
-import argparse
+import os
 from pathlib import Path
-
-import torch.distributed as dist
 
 from megatron_ext import checkpoint_format
 from megatron_ext.checkpoint_format import universal_info  # noqa: F401 - universal.X
@@ -77,35 +77,17 @@ def needs_universal(root: str, tp: int, pp: int, dp: int) -> str | None:
     return tag
 
 
-def convert(root: str, tag: str, checked: bool = False) -> str:
-    """Rank 0 converts `tag` to `<tag>_universal` (once), all ranks wait. Returns the new tag.
-
-    The source is checked first, every file against its manifest checksum (unless the caller
-    already did: `checked`), and DeepSpeed's converter (which calls
-    torch.load(weights_only=False)) runs with weights-only loads forced."""
-    from deepspeed.checkpoint import ds_to_universal
-
-    out = Path(root) / (tag + SUFFIX)
-    problem = None
-    if dist.get_rank() == 0 and not (out / "zero").is_dir():
-        problem = None if checked else checkpoint_format.verify_contents(Path(root) / tag)
-        if problem is None:
-            checkpoint_format.forbid_code_in_loads()
-            args = argparse.Namespace(
-                input_folder=str(Path(root) / tag),
-                output_folder=str(out),
-                num_extract_workers=1,
-                num_merge_workers=1,
-                keep_temp_folder=False,
-                strict=True,
-                inject_missing_state=False,
-            )
-            ds_to_universal.main(args)
-            checkpointing.write_latest(
-                Path(root), out.name, checkpoint_format.LATEST_UNIVERSAL
-            )  # not written
-    box = [problem]
-    dist.broadcast_object_list(box, src=0)
-    if box[0] is not None:
-        raise UserError(f"{Path(root) / tag}: not converted for the layout change: {box[0]}")
-    return out.name
+def require_converted(root: str, tag: str, tp: int, pp: int, dp: int) -> str:
+    """The universal tag of TAG when its offline conversion is complete; otherwise a UserError
+    naming the command that makes it (convert/to_universal.py). Never converted here: a 176B
+    conversion takes most of an hour, behind a collective timeout of minutes."""
+    if checkpoint_format.universal_complete(Path(root), tag):
+        return tag + SUFFIX
+    raise UserError(
+        f"{Path(root) / tag} was saved at another layout than this run's tp={tp} pp={pp} "
+        f"dp={dp}; a layout change loads a universal checkpoint made offline first (in parallel, "
+        "resumable; a 176B model takes tens of minutes). Run\n"
+        f"  megatron-ext convert reshard --with-optimizer --checkpoint {root} --universal "
+        f"--workers {max(1, min(8, os.cpu_count() or 1))}\n"
+        "then start this run again"
+    )

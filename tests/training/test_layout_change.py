@@ -1,15 +1,26 @@
 """A checkpoint saved at one (tp, pp, dp) resumes at another through DeepSpeed's universal
-checkpoint (weights, ZeRO-1 optimizer state, schedule): the next steps' losses equal the
-uninterrupted run's to fp32 tolerance. Traps: universal_checkpoint_info in client_state, and
-`latest_universal` written by us (megatron_ext.training.universal)."""
+checkpoint (weights, ZeRO-1 optimizer state, schedule), made offline first by `convert reshard
+--with-optimizer --universal` (`train` refuses the unconverted change naming that command): the
+next steps' losses equal the uninterrupted run's to fp32 tolerance. Traps:
+universal_checkpoint_info in client_state, and `latest_universal` written by us."""
 
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 
 import pytest
 
-from tests.training.helpers import losses, run_train
+from tests.training.helpers import env, losses, run_train
+
+
+def convert_offline(ckpt, workers: int = 1) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "megatron_ext", "convert", "reshard", "--with-optimizer",
+           "--checkpoint", str(ckpt), "--universal", "--workers", str(workers)]  # fmt: skip
+    proc = subprocess.run(cmd, env=env(), text=True, capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
 
 
 @pytest.mark.distributed
@@ -35,6 +46,12 @@ def test_resume_at_another_layout(family, before, after, fi_dataset, tmp_path):
     (ckpt / "latest").write_text("iter_0000004")
 
     args, nproc = layout(*after)
+    refused = run_train(family, fi_dataset, ckpt, *common, *args, nproc=nproc, check=False)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    command = f"megatron-ext convert reshard --with-optimizer --checkpoint {ckpt} --universal"
+    assert command in refused.stderr
+    assert not (ckpt / "iter_0000004_universal").exists()  # nothing converted inside the job
+    convert_offline(ckpt, workers=2)
     proc = run_train(family, fi_dataset, ckpt, *common, *args, nproc=nproc)
     assert "via a universal checkpoint" in proc.stderr
     assert (ckpt / "latest_universal").read_text() == "iter_0000004_universal"
@@ -83,6 +100,7 @@ def test_tp_change_with_other_vocab_padding(family, tp_before, tp_after, fi_data
     shutil.rmtree(ckpt / "iter_0000006")
     (ckpt / "latest").write_text("iter_0000003")
 
+    convert_offline(ckpt)
     proc = run_train(family, fi_dataset, ckpt, *common, f"parallel.tp={tp_after}", nproc=tp_after)
     assert "via a universal checkpoint" in proc.stderr
     got = losses(ckpt)
