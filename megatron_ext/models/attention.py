@@ -33,6 +33,7 @@ from megatron_ext.parallel.tensor_parallel import (
     normal_init,
     scaled_normal_init,
 )
+from megatron_ext.parallel.tensor_parallel.random import recompute_with_tracker
 
 
 def alibi_slopes(num_heads: int) -> torch.Tensor:
@@ -142,6 +143,10 @@ class SelfAttention(nn.Module):
         self.rotary = None
         if config.position_embedding == "rope":
             self.rotary = RotaryEmbedding(hn, config.rope_theta)
+        # selective activation recomputation (train.activation_checkpointing=selective): the
+        # core attention (scores, softmax, dropout, context: the s^2 terms) is recomputed in
+        # backward instead of kept; set by the trainer
+        self.recompute_core = False
         # fp32 constants kept off the module's buffers, so casting the model leaves them exact.
         self._slopes: dict[torch.device, torch.Tensor] = {}
         if config.position_embedding == "alibi":
@@ -174,18 +179,25 @@ class SelfAttention(nn.Module):
             k = ops.apply_rotary(k, cos, sin, use_fused=fused)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads, s, hn]
         dropout = cfg.attention_dropout if self.training else 0.0
-        context = core_attention(
-            q,
-            k,
-            v,
-            backend=resolve_backend(
-                cfg.attention_backend, q.device, cfg.position_embedding, cfg.attention_dropout
-            ),
-            alibi_slopes=self.local_alibi_slopes(q.device),
-            padding_mask=padding_mask,
-            dropout_p=dropout,
-            dropout_rng=self.ctx.rng.fork,  # heads differ per TP rank: independent masks
-            use_fused=fused,
-        )  # [b, np_l, s, hn]
+
+        def core(q, k, v):
+            return core_attention(
+                q,
+                k,
+                v,
+                backend=resolve_backend(
+                    cfg.attention_backend, q.device, cfg.position_embedding, cfg.attention_dropout
+                ),
+                alibi_slopes=self.local_alibi_slopes(q.device),
+                padding_mask=padding_mask,
+                dropout_p=dropout,
+                dropout_rng=self.ctx.rng.fork,  # heads differ per TP rank: independent masks
+                use_fused=fused,
+            )  # [b, np_l, s, hn]
+
+        if self.recompute_core and torch.is_grad_enabled():
+            context = recompute_with_tracker(self.ctx.rng)(core, q, k, v)
+        else:
+            context = core(q, k, v)
         context = context.permute(2, 0, 1, 3).reshape(s, b, self.np_l * hn)
         return self.linear_proj(context)

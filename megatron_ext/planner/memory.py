@@ -19,7 +19,8 @@ the DeepSpeed ZeRO-1 optimizer the trainer uses, `deepspeed/runtime/zero/stage_1
   for a GeLU MLP with f = 4h (x2 at fp32), plus a s^2 b / t elements for the attention
   probabilities when they are materialised (ALiBi through a fused softmax does; flash attention
   does not). With full recompute only each layer's input (s b h) is kept, plus one layer's
-  activations while it is recomputed. Under 1F1B, stage i holds min(p - i, m) micro-batches;
+  activations while it is recomputed; with selective recompute (the attention core only,
+  Korthikanti's "selective activation recomputation") the attention probabilities are not kept. Under 1F1B, stage i holds min(p - i, m) micro-batches;
 - the logits of the last stage (s b V / t, plus an fp32 copy and its gradient for the loss);
 - pipeline buffers: the activation and gradient tensors sent and received between stages.
 All terms are summed although the step's buffers exist when the activations are already freed:
@@ -47,7 +48,7 @@ from typing import Literal
 
 from megatron_ext.models.config import ModelConfig
 
-Recompute = Literal["none", "full"]
+Recompute = Literal["none", "selective", "full"]
 GiB = 1024**3
 CPU_RUNTIME_BYTES = 96 * 2**20  # see "runtime" in the module docstring
 
@@ -106,6 +107,7 @@ class MemoryEstimate:
     logits: int
     pipeline_buffers: int
     runtime: int = 0  # fixed per-process cost given by the caller (CPU_RUNTIME_BYTES on CPU)
+    activations_selective_recompute: int = 0
 
     @property
     def total(self) -> int:
@@ -200,6 +202,7 @@ def estimate_stages(
     s, b, h = seq_length, layout.micro_batch_size, model.hidden_size
     m = max(1, global_batch_size // (b * layout.dp))
     per_layer = layer_activation_bytes(model, s, layout, prec.act_bytes, attention_scores)
+    per_layer_selective = layer_activation_bytes(model, s, layout, prec.act_bytes, False)
     sp = layout.tp if layout.sequence_parallel else 1
     layer_input = s * b * h * prec.act_bytes // sp
     vocab = model.padded_vocab_size(layout.tp) // layout.tp
@@ -209,9 +212,10 @@ def estimate_stages(
         in_flight = min(layout.pp - stage, m)
         act_none = in_flight * n_layers * per_layer
         act_full = in_flight * n_layers * layer_input + (per_layer if n_layers else 0)
+        act_sel = in_flight * n_layers * per_layer_selective
         if stage == 0:  # embedding output (and its norm's input)
             extra = in_flight * s * b * h * prec.act_bytes * (2 if model.embedding_layernorm else 1)
-            act_none, act_full = act_none + extra, act_full + extra
+            act_none, act_full, act_sel = act_none + extra, act_full + extra, act_sel + extra
         logits = s * b * vocab * (prec.act_bytes + 8) if stage == layout.pp - 1 else 0
         buffers = 4 * s * b * h * prec.act_bytes // sp if layout.pp > 1 else 0
         est = MemoryEstimate(
@@ -222,9 +226,10 @@ def estimate_stages(
             optimizer=math.ceil(
                 params * (prec.master_bytes + prec.optim_bytes + prec.step_bytes) / layout.dp
             ),
-            activations=act_full if layout.recompute == "full" else act_none,
+            activations={"full": act_full, "selective": act_sel}.get(layout.recompute, act_none),
             activations_no_recompute=act_none,
             activations_full_recompute=act_full,
+            activations_selective_recompute=act_sel,
             logits=logits,
             pipeline_buffers=buffers,
             runtime=runtime_bytes,

@@ -53,8 +53,10 @@ def estimate_for_run(
     if world_size % (tp * pp):
         raise UserError(f"world size {world_size} is not divisible by tp x pp = {tp} x {pp}")
     recompute = run.train.activation_checkpointing
-    if recompute not in ("none", "full"):
-        raise UserError(f"train.activation_checkpointing={recompute}: the estimate knows none/full")
+    if recompute not in ("none", "selective", "full"):
+        raise UserError(
+            f"train.activation_checkpointing={recompute}: the estimate knows none/selective/full"
+        )
     layout = Layout(
         tp=tp,
         pp=pp,

@@ -68,7 +68,10 @@ class TrainConfig:
     # bf16: the dtype gradients accumulate in across micro-batches (BLOOM: fp32, DeepSpeed's
     # BF16_Optimizer); "bf16" saves memory but rounds every micro-batch's sum
     grad_accum_dtype: Literal["fp32", "bf16"] = "fp32"
-    activation_checkpointing: Literal["none", "full", "every"] = "none"
+    # none; full: recompute every block in backward; every: every k-th block; selective: only
+    # the attention core (scores, softmax, context: the s^2 activations), as Megatron's
+    # --recompute-activations
+    activation_checkpointing: Literal["none", "selective", "full", "every"] = "none"
     checkpoint_every_layers: int = 1  # with "every": recompute every k-th block
     seed: int = 1234
     rampup_batch_size: list[int] | None = None  # [start, increment, samples], as Megatron

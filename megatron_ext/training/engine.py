@@ -38,7 +38,7 @@ from megatron_ext.models.config import ModelConfig
 from megatron_ext.parallel import distributed
 from megatron_ext.parallel.context import ParallelContext
 from megatron_ext.parallel.drift import register_tp_duplicated_grad_hooks
-from megatron_ext.parallel.tensor_parallel.random import RNGStatesTracker
+from megatron_ext.parallel.tensor_parallel.random import recompute_with_tracker
 from megatron_ext.training.config import RunConfig
 from megatron_ext.training.pipeline import LMLoss, layer_specs, partition_method
 from megatron_ext.training.schedule import learning_rate
@@ -166,34 +166,6 @@ def _lr_factor(step: int, cfg: RunConfig) -> float:
     return learning_rate(step, cfg.optim, cfg.train.iterations) / cfg.optim.lr
 
 
-def recompute_with_tracker(tracker: RNGStatesTracker):
-    """DeepSpeed's activation_checkpoint_func: non-reentrant torch checkpointing (trap: the
-    reentrant one fails on the pipeline's embedding layer) whose recomputation in backward
-    replays the TP tracker's dropout masks of the forward.
-
-    torch's checkpoint restores the default generator for the recomputation, not our tracker's
-    states: without this the recomputed TP-split dropout (attention probabilities, SP shards)
-    would draw new masks and the gradients would not belong to the forward's loss."""
-
-    def checkpoint_replaying_tracker(function, *args):
-        start, calls = tracker.get_states(), [0]
-
-        def run(*inputs):
-            calls[0] += 1
-            if calls[0] == 1:
-                return function(*inputs)
-            now = tracker.get_states()  # later micro-batches moved the tracker on since
-            tracker.set_states(start)
-            try:
-                return function(*inputs)
-            finally:
-                tracker.set_states(now)
-
-        return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
-
-    return checkpoint_replaying_tracker
-
-
 def _mark_tensor_parallel(module: torch.nn.Module) -> None:
     """DeepSpeed's grad norm counts a parameter on every TP rank only when it is marked
     `tensor_model_parallel`; the rest (duplicated) once, on TP rank 0."""
@@ -251,7 +223,8 @@ def build_engine(cfg: RunConfig, model_config: ModelConfig, load_universal: bool
     topology = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp)
     loss_fn = LMLoss(ctx, model_config.vocab_size)
     ckpt = cfg.train.activation_checkpointing
-    interval = {"none": 0, "full": 1, "every": cfg.train.checkpoint_every_layers}[ckpt]
+    every = cfg.train.checkpoint_every_layers
+    interval = {"none": 0, "selective": 0, "full": 1, "every": every}[ckpt]
     module = PipelineModule(
         layers=layer_specs(model_config, ctx, cfg.train.seed),
         topology=topology,
@@ -261,6 +234,12 @@ def build_engine(cfg: RunConfig, model_config: ModelConfig, load_universal: bool
         activation_checkpoint_func=recompute_with_tracker(ctx.rng),
         checkpointable_layers=["PipeBlock"],
     )
+    if ckpt == "selective":
+        from megatron_ext.models.attention import SelfAttention
+
+        for layer in module.modules():
+            if isinstance(layer, SelfAttention):
+                layer.recompute_core = True
     dtype = DTYPES[cfg.train.precision]
     if dtype != torch.float32:
         module.to(dtype)  # DeepSpeed keeps fp32 master weights in its ZeRO-1 optimizer

@@ -107,7 +107,8 @@ def dry_run_report(
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
     model.check_tp(tp)
     report = partition_report(model, pp, tp, cfg.parallel.partition_method)
-    recompute = "none" if cfg.train.activation_checkpointing == "none" else "full"
+    mode = cfg.train.activation_checkpointing
+    recompute = {"none": "none", "selective": "selective"}.get(mode, "full")  # every k: ~full
     layout = Layout(
         tp, pp, dp, cfg.train.micro_batch_size, recompute, cfg.parallel.sequence_parallel
     )

@@ -88,3 +88,32 @@ class RNGStatesTracker:
 
     def has(self, name: str = MODEL_PARALLEL) -> bool:
         return name in self._states
+
+
+def recompute_with_tracker(tracker: RNGStatesTracker):
+    """Activation checkpointing (DeepSpeed's activation_checkpoint_func for whole blocks, the
+    attention core for selective recompute): non-reentrant torch checkpointing (trap: the
+    reentrant one fails on the pipeline's embedding layer) whose recomputation in backward
+    replays the TP tracker's dropout masks of the forward.
+
+    torch's checkpoint restores the default generator for the recomputation, not our tracker's
+    states: without this the recomputed TP-split dropout (attention probabilities, SP shards)
+    would draw new masks and the gradients would not belong to the forward's loss."""
+
+    def checkpoint_replaying_tracker(function, *args):
+        start, calls = tracker.get_states(), [0]
+
+        def run(*inputs):
+            calls[0] += 1
+            if calls[0] == 1:
+                return function(*inputs)
+            now = tracker.get_states()  # later micro-batches moved the tracker on since
+            tracker.set_states(start)
+            try:
+                return function(*inputs)
+            finally:
+                tracker.set_states(now)
+
+        return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
+
+    return checkpoint_replaying_tracker
