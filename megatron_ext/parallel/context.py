@@ -106,12 +106,14 @@ class ParallelContext:
         *,
         sequence_parallel: bool = False,
         device: str | torch.device | None = None,
+        existing: dict[str, dist.ProcessGroup] | None = None,
     ) -> ParallelContext:
         """Create the groups over the default process group (collective: all ranks call it).
 
         dp_size defaults to world_size / (tp_size * pp_size). Every rank creates every group
-        in the same order, as `dist.new_group` requires.
-        """
+        in the same order, as `dist.new_group` requires. `existing`: this rank's "tp", "pp" and
+        "dp" groups, already made by someone else over the same ranks (DeepSpeed's pipeline
+        grid, training/engine.py): used instead of creating a second set."""
         if not dist.is_initialized():
             if tp_size * pp_size * (dp_size or 1) == 1:
                 return cls.single(device or "cpu")
@@ -131,6 +133,15 @@ class ParallelContext:
         mine: dict[str, tuple[dist.ProcessGroup, tuple[int, ...]]] = {}
         for kind, all_ranks in group_ranks(tp_size, pp_size, dp_size).items():
             for ranks in all_ranks:
+                if existing is not None:
+                    if rank in ranks:
+                        have = dist.get_process_group_ranks(existing[kind])
+                        if sorted(have) != sorted(ranks):
+                            raise RuntimeError(
+                                f"the given {kind} group has ranks {have}, not {ranks}"
+                            )
+                        mine[kind] = (existing[kind], tuple(ranks))
+                    continue
                 group = dist.new_group(ranks)  # every rank creates every group
                 if rank in ranks:
                     mine[kind] = (group, tuple(ranks))

@@ -24,6 +24,7 @@ regression test in tests/training/test_engine.py:
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
 from dataclasses import dataclass
@@ -201,11 +202,39 @@ class Engine:
         return float(self.ds.optimizer.param_groups[0]["lr"])
 
 
+def grid_groups(grid) -> dict[str, dist.ProcessGroup]:
+    """This rank's tp/pp/dp groups of DeepSpeed's pipeline grid, for our ParallelContext (the
+    grid's "slice" group is the TP group; same rank layout as ours, checked by from_sizes's
+    caller through the ranks)."""
+    return {"tp": grid.slice_proc_group, "pp": grid.pp_proc_group, "dp": grid.dp_proc_group}
+
+
+@contextlib.contextmanager
+def reusing_grid(grid):
+    """PipelineModule builds its own PipelineParallelGrid (a second set of tp/pp/dp process
+    groups beside ours: twice the communicators and their buffers at scale); while building it,
+    hand it the grid our ParallelContext already uses."""
+    from deepspeed.runtime.pipe import module as pipe_module
+
+    made = pipe_module.PipelineParallelGrid
+
+    def same_grid(process_group=None, topology=None):
+        if topology is not grid._topo:
+            raise RuntimeError("PipelineModule asked for a grid of another topology")
+        return grid
+
+    pipe_module.PipelineParallelGrid = same_grid
+    try:
+        yield
+    finally:
+        pipe_module.PipelineParallelGrid = made
+
+
 def build_engine(cfg: RunConfig, model_config: ModelConfig, load_universal: bool = False) -> Engine:
     """Build this rank's pipeline stage and the DeepSpeed engine (collective: all ranks)."""
     import deepspeed
     from deepspeed.pipe import PipelineModule
-    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+    from deepspeed.runtime.pipe.topology import PipelineParallelGrid, PipeModelDataParallelTopology
 
     if cfg.train.precision == "fp16" and not deepspeed.get_accelerator().is_fp16_supported():
         raise UserError(
@@ -216,24 +245,28 @@ def build_engine(cfg: RunConfig, model_config: ModelConfig, load_universal: bool
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
     dp = cfg.data_parallel_size(world)
     model_config.check_tp(tp)
-    ctx = ParallelContext.from_sizes(tp, pp, dp, sequence_parallel=cfg.parallel.sequence_parallel)
+    topology = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp)
+    grid = PipelineParallelGrid(topology=topology)  # DeepSpeed's groups, made once (see below)
+    ctx = ParallelContext.from_sizes(
+        tp, pp, dp, sequence_parallel=cfg.parallel.sequence_parallel, existing=grid_groups(grid)
+    )
     # dropout: the default generator alike on TP ranks, the TP tracker different per TP rank
     # (attention heads, SP shards); a checkpoint saves both (training/checkpointing.py)
     ctx.seed(cfg.train.seed)
-    topology = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp)
     loss_fn = LMLoss(ctx, model_config.vocab_size)
     ckpt = cfg.train.activation_checkpointing
     every = cfg.train.checkpoint_every_layers
     interval = {"none": 0, "selective": 0, "full": 1, "every": every}[ckpt]
-    module = PipelineModule(
-        layers=layer_specs(model_config, ctx, cfg.train.seed),
-        topology=topology,
-        loss_fn=loss_fn,
-        partition_method=partition_method(cfg.parallel.partition_method),
-        activation_checkpoint_interval=interval,
-        activation_checkpoint_func=recompute_with_tracker(ctx.rng),
-        checkpointable_layers=["PipeBlock"],
-    )
+    with reusing_grid(grid):
+        module = PipelineModule(
+            layers=layer_specs(model_config, ctx, cfg.train.seed),
+            topology=topology,
+            loss_fn=loss_fn,
+            partition_method=partition_method(cfg.parallel.partition_method),
+            activation_checkpoint_interval=interval,
+            activation_checkpoint_func=recompute_with_tracker(ctx.rng),
+            checkpointable_layers=["PipeBlock"],
+        )
     if ckpt == "selective":
         from megatron_ext.models.attention import SelfAttention
 

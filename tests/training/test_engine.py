@@ -69,6 +69,13 @@ def _traps(rank, world_size, tmp):
         "losses": losses,
         "tied": tied,
         "saved": saved,
+        # one set of tp/pp/dp groups: ours are DeepSpeed's pipeline grid's (and ZeRO's dp group)
+        "shared_groups": (
+            engine.ctx.tp_group is module._grid.slice_proc_group,
+            engine.ctx.pp_group is module._grid.pp_proc_group,
+            engine.ctx.dp_group is module._grid.dp_proc_group,
+            engine.ctx.dp_group is engine.ds.grid.get_data_parallel_group(),
+        ),
     }
 
 
@@ -83,6 +90,7 @@ def test_deepspeed_traps_are_handled(tmp_path):
         assert r["ckpt_func"] == "checkpoint_replaying_tracker"  # non-reentrant: embedding works
         assert r["first_use_forward_fn"] is None  # else the tied weight is never saved
         assert all(torch.isfinite(torch.tensor(r["losses"])))
+        assert r["shared_groups"] == (True, True, True, True)
     assert r0["losses"] == r1["losses"]
     assert torch.equal(r0["tied"], r1["tied"])  # first and last stage stay tied
     assert torch.equal(r0["saved"], r0["tied"])  # the trained tied weight was saved
