@@ -230,10 +230,53 @@ def reusing_grid(grid):
         pipe_module.PipelineParallelGrid = made
 
 
-def build_engine(cfg: RunConfig, model_config: ModelConfig, load_universal: bool = False) -> Engine:
-    """Build this rank's pipeline stage and the DeepSpeed engine (collective: all ranks)."""
+def pipeline_module_class():
+    """DeepSpeed's PipelineModule with two start-up costs removed (issue 17.6):
+    - partition_method="parameters" counts each layer's parameters by building every layer of
+      the whole model, initialised, on every rank (at 176B: all 70 blocks' full fp32 init per
+      rank before training starts): counted on meta builds instead;
+    - a stage built on the meta device (weights a checkpoint load overwrites) is allocated,
+      uninitialised, where DeepSpeed moves the module to its device."""
+    from deepspeed.pipe import LayerSpec, PipelineModule
+
+    class StagePipeline(PipelineModule):
+        def _count_layer_params(self):
+            counts = [0] * len(self._layer_specs)
+            for idx, layer in enumerate(self._layer_specs):
+                if isinstance(layer, LayerSpec):
+                    kwargs = {**layer.module_kwargs, "device": "meta"}
+                    layer = layer.typename(*layer.module_args, **kwargs)
+                if isinstance(layer, torch.nn.Module):
+                    counts[idx] = sum(p.numel() for p in layer.parameters() if p.requires_grad)
+            return counts
+
+        def to(self, *args, **kwargs):
+            if not any(p.is_meta for p in self.parameters()):
+                return super().to(*args, **kwargs)
+            # trap: to_empty replaces meta parameters by new Parameter objects, dropping their
+            # attributes (tensor_parallel, partition_dim, tp_duplicated: without them the bf16
+            # optimizer's grad norm skips the TP shards); copied over
+            tags = {n: dict(vars(p)) for n, p in self.named_parameters(remove_duplicate=False)}
+            self.to_empty(device=kwargs.get("device", args[0] if args else None))
+            for name, param in self.named_parameters(remove_duplicate=False):
+                vars(param).update(tags[name])
+            return self
+
+    return StagePipeline
+
+
+def build_engine(
+    cfg: RunConfig,
+    model_config: ModelConfig,
+    load_universal: bool = False,
+    weights_from_checkpoint: bool = False,
+) -> Engine:
+    """Build this rank's pipeline stage and the DeepSpeed engine (collective: all ranks).
+
+    weights_from_checkpoint: the caller loads every weight (and the optimizer's fp32 copies, or
+    DeepSpeed refreshes them from the weights) right after: the stage is built on the meta
+    device and allocated uninitialised, with no init cost."""
     import deepspeed
-    from deepspeed.pipe import PipelineModule
     from deepspeed.runtime.pipe.topology import PipelineParallelGrid, PipeModelDataParallelTopology
 
     if cfg.train.precision == "fp16" and not deepspeed.get_accelerator().is_fp16_supported():
@@ -257,9 +300,10 @@ def build_engine(cfg: RunConfig, model_config: ModelConfig, load_universal: bool
     ckpt = cfg.train.activation_checkpointing
     every = cfg.train.checkpoint_every_layers
     interval = {"none": 0, "selective": 0, "full": 1, "every": every}[ckpt]
+    device = "meta" if weights_from_checkpoint else None
     with reusing_grid(grid):
-        module = PipelineModule(
-            layers=layer_specs(model_config, ctx, cfg.train.seed),
+        module = pipeline_module_class()(
+            layers=layer_specs(model_config, ctx, cfg.train.seed, device=device),
             topology=topology,
             loss_fn=loss_fn,
             partition_method=partition_method(cfg.parallel.partition_method),

@@ -34,30 +34,32 @@ TIED_KEY = "embed"
 
 
 class PipeEmbedding(EmbeddingStage):
-    def __init__(self, config: ModelConfig, ctx: ParallelContext, seed: int | None) -> None:
+    def __init__(self, config: ModelConfig, ctx: ParallelContext, seed: int | None, device=None):
         with stage_init_rng(seed, 0):
-            super().__init__(config, ctx)
+            super().__init__(config, ctx, device=device)
 
 
 class PipeBlock(TransformerBlock):
-    def __init__(self, config: ModelConfig, ctx: ParallelContext, index: int, seed: int | None):
+    def __init__(
+        self, config: ModelConfig, ctx: ParallelContext, index: int, seed: int | None, device=None
+    ):
         with stage_init_rng(seed, index):
-            super().__init__(config, ctx)
+            super().__init__(config, ctx, device=device)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # no padding mask in pretraining
         return super().forward(hidden, None)
 
 
 class PipeFinalNorm(Norm):
-    def __init__(self, config: ModelConfig, seed: int | None) -> None:
+    def __init__(self, config: ModelConfig, seed: int | None, device=None) -> None:
         with stage_init_rng(seed, config.num_layers + 1):
-            super().__init__(config)
+            super().__init__(config, device=device)
 
 
 class PipeHead(HeadStage):
-    def __init__(self, config: ModelConfig, ctx: ParallelContext, seed: int | None) -> None:
+    def __init__(self, config: ModelConfig, ctx: ParallelContext, seed: int | None, device=None):
         with stage_init_rng(seed, config.num_layers + 1):
-            super().__init__(config, ctx, None)
+            super().__init__(config, ctx, None, device=device)
 
 
 def tied_logits(embedding: EmbeddingStage, hidden: torch.Tensor) -> torch.Tensor:
@@ -78,32 +80,32 @@ class LMLoss:
         return per_token.mean()
 
 
-def layer_specs(config: ModelConfig, ctx: ParallelContext, seed: int | None) -> list:
-    """The pipeline's layer list (see the module docstring).
+def layer_specs(
+    config: ModelConfig, ctx: ParallelContext, seed: int | None, device: str | None = None
+) -> list:
+    """The pipeline's layer list (see the module docstring). device="meta": parameters are
+    allocated (uninitialised) when the module moves to its device, for weights that a
+    checkpoint load overwrites (training/engine.py, StagePipeline).
 
     Tied models: the first use of the tied embedding has no forward_fn, else DeepSpeed never
     saves the tied weight and a resume silently starts from a stale embedding (trap).
     """
-    blocks = [LayerSpec(PipeBlock, config, ctx, i, seed) for i in range(1, config.num_layers + 1)]
+    kw = {"device": device}
+    blocks = [
+        LayerSpec(PipeBlock, config, ctx, i, seed, **kw) for i in range(1, config.num_layers + 1)
+    ]
     if not config.tied_embeddings:
         return [
-            LayerSpec(PipeEmbedding, config, ctx, seed),
+            LayerSpec(PipeEmbedding, config, ctx, seed, **kw),
             *blocks,
-            LayerSpec(PipeHead, config, ctx, seed),
+            LayerSpec(PipeHead, config, ctx, seed, **kw),
         ]
-    embed = TiedLayerSpec(
-        TIED_KEY, PipeEmbedding, config, ctx, seed, tied_weight_attr="word_embeddings.weight"
-    )
+    tied = {"tied_weight_attr": "word_embeddings.weight", **kw}
+    embed = TiedLayerSpec(TIED_KEY, PipeEmbedding, config, ctx, seed, **tied)
     logits = TiedLayerSpec(
-        TIED_KEY,
-        PipeEmbedding,
-        config,
-        ctx,
-        seed,
-        forward_fn=tied_logits,
-        tied_weight_attr="word_embeddings.weight",
+        TIED_KEY, PipeEmbedding, config, ctx, seed, forward_fn=tied_logits, **tied
     )
-    return [embed, *blocks, LayerSpec(PipeFinalNorm, config, seed), logits]
+    return [embed, *blocks, LayerSpec(PipeFinalNorm, config, seed, **kw), logits]
 
 
 def partition_method(name: str) -> str:

@@ -158,6 +158,17 @@ def _universal_tag(cfg: RunConfig) -> str | None:
     return None if tag is None else universal.require_converted(cfg.checkpoint.dir, tag, *layout)
 
 
+def _weights_from_checkpoint(cfg: RunConfig, universal_tag: str | None) -> bool:
+    """Whether `_resume` will load every weight (so none needs initialising): a layout-change
+    resume, a resume from checkpoint.dir, or checkpoint.load; not when --start-over may begin
+    from step 1 (a directory whose checkpoints all fail to load), and not on a fresh start."""
+    if universal_tag:
+        return True
+    if checkpointing.candidates(Path(cfg.checkpoint.dir)):
+        return not cfg.checkpoint.start_over
+    return bool(cfg.checkpoint.load)
+
+
 def check_load_layout(cfg: RunConfig) -> None:
     """checkpoint.load must have been saved at this run's tp (its per-layer files load at any
     pp and dp); otherwise name the conversion that makes it loadable."""
@@ -176,9 +187,13 @@ def check_load_layout(cfg: RunConfig) -> None:
     )
 
 
-def _resume(engine: Engine, cfg: RunConfig, universal_tag: str | None) -> TrainState:
+def _resume(
+    engine: Engine, cfg: RunConfig, universal_tag: str | None, uninitialised: bool = False
+) -> TrainState:
     """Resume from checkpoint.dir when it holds a checkpoint (also a restarted continued
-    pretraining run); else start from checkpoint.load (weights only with reset_progress)."""
+    pretraining run); else start from checkpoint.load (weights only with reset_progress).
+    uninitialised: the weights were allocated for a load, not initialised: nothing loading is
+    then an error (never training from garbage)."""
     own = cfg.checkpoint.dir
     if universal_tag:
         found, reset = checkpointing.load(engine, own, universal_tag=universal_tag), False
@@ -193,6 +208,8 @@ def _resume(engine: Engine, cfg: RunConfig, universal_tag: str | None) -> TrainS
         if found is None:
             raise UserError(f"checkpoint.load={cfg.checkpoint.load}: no complete checkpoint there")
     if found is None:
+        if uninitialised:
+            raise UserError(f"checkpoint.dir={own}: no checkpoint loaded; nothing to resume from")
         return TrainState()
     if reset:
         log.info("reset progress: weights from %s, new iteration/optimizer/schedule", found[0])
@@ -259,10 +276,16 @@ def _train(cfg: RunConfig, stop: StopConditions, hooks: list) -> dict:
     baseline_rss_mb = start_rss_tracking()  # what the model, optimizer and steps add comes after
     check_load_layout(cfg)
     universal_tag = _universal_tag(cfg)
-    engine = build_engine(cfg, model_config, load_universal=universal_tag is not None)
+    uninitialised = _weights_from_checkpoint(cfg, universal_tag)
+    engine = build_engine(
+        cfg,
+        model_config,
+        load_universal=universal_tag is not None,
+        weights_from_checkpoint=uninitialised,
+    )
     c = engine.ctx
     train_ds, valid_ds, _ = build_run_datasets(cfg)
-    state = _resume(engine, cfg, universal_tag)
+    state = _resume(engine, cfg, universal_tag, uninitialised)
     metrics = MetricsWriter(
         cfg.checkpoint.dir, c.rank == 0, cfg.logging.tensorboard, resume_step=state.iteration
     )

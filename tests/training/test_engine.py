@@ -69,6 +69,14 @@ def _traps(rank, world_size, tmp):
         "losses": losses,
         "tied": tied,
         "saved": saved,
+        # DeepSpeed's partitioning counts on meta builds: the same counts as initialised builds
+        "counts": (
+            module._count_layer_params(),
+            [
+                sum(p.numel() for p in spec.build().parameters()) if hasattr(spec, "build") else 0
+                for spec in module._layer_specs
+            ],
+        ),
         # one set of tp/pp/dp groups: ours are DeepSpeed's pipeline grid's (and ZeRO's dp group)
         "shared_groups": (
             engine.ctx.tp_group is module._grid.slice_proc_group,
@@ -91,6 +99,7 @@ def test_deepspeed_traps_are_handled(tmp_path):
         assert r["first_use_forward_fn"] is None  # else the tied weight is never saved
         assert all(torch.isfinite(torch.tensor(r["losses"])))
         assert r["shared_groups"] == (True, True, True, True)
+        assert r["counts"][0] == r["counts"][1] and sum(r["counts"][0]) > 0
     assert r0["losses"] == r1["losses"]
     assert torch.equal(r0["tied"], r1["tied"])  # first and last stage stay tied
     assert torch.equal(r0["saved"], r0["tied"])  # the trained tied weight was saved
