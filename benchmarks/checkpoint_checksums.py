@@ -31,6 +31,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import append_record  # noqa: E402
+
 from megatron_ext import checkpoint_format  # noqa: E402
 
 
@@ -112,9 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(lines)
     print(text)
     if args.record:
-        with open(args.record, "a") as f:
-            f.write(f"\n{time.strftime('%Y-%m-%d')}: `python benchmarks/checkpoint_checksums.py "
-                    f"{' '.join(argv if argv is not None else sys.argv[1:])}`\n\n{text}\n")  # fmt: skip
+        append_record(
+            args.record, "checkpoint_checksums.py", sys.argv[1:] if argv is None else argv, text
+        )
     shutil.rmtree(work, ignore_errors=True)
     return 0
 

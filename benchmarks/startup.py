@@ -29,7 +29,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from common import append_record, finnish_dataset  # noqa: E402
 
 MODEL = ["model.num_layers=4", "model.hidden_size=176", "model.num_attention_heads=4"]
 
@@ -76,13 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work-dir", default="/tmp/megatron-ext-bench-startup")
     p.add_argument("--record", help="append the results to this markdown file")
     args = p.parse_args(argv)
-    from universal_workers import _data
-
     real, meta, n = count_seconds(args.count_preset)
     work = Path(args.work_dir)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    data = _data(work)
+    data = finnish_dataset(work)
     base = [sys.executable, "-m", "megatron_ext", "train", "--config",
             str(ROOT / "examples" / "tiny_bloom.yaml"), f"data.path={data}",
             "logging.tensorboard=false", "logging.eval_interval=0", "parallel.tp=2",
@@ -119,9 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(lines)
     print(text)
     if args.record:
-        with open(args.record, "a") as f:
-            f.write(f"\n{time.strftime('%Y-%m-%d')}: `python benchmarks/startup.py "
-                    f"{' '.join(argv if argv is not None else sys.argv[1:])}`\n\n{text}\n")  # fmt: skip
+        append_record(args.record, "startup.py", sys.argv[1:] if argv is None else argv, text)
     shutil.rmtree(work, ignore_errors=True)
     return 0
 

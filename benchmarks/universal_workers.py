@@ -27,6 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common import append_record, finnish_dataset  # noqa: E402
+
 
 def _train(work: Path, data: str, layers: int, hidden: int) -> Path:
     ckpt = work / "source"
@@ -39,20 +41,6 @@ def _train(work: Path, data: str, layers: int, hidden: int) -> Path:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     subprocess.run(cmd, check=True, env=env, capture_output=True)
     return ckpt
-
-
-def _data(work: Path) -> str:
-    """The bundled Finnish sample, tokenised with a 1000-token BPE."""
-    from megatron_ext.data.preprocess import PreprocessConfig, preprocess
-    from megatron_ext.data.tokenizer_training import train_tokenizer
-    from megatron_ext.demo.gimp_corpus import sample_corpus_path
-
-    sample = sample_corpus_path()
-    tok = train_tokenizer([sample], 1000, work / "tokenizer", "bpe", show_progress=False)
-    prefix = work / "fi"
-    preprocess(PreprocessConfig(inputs=[str(sample)], output_prefix=str(prefix),
-                                tokenizer=str(tok), append_eod=True, progress=False))  # fmt: skip
-    return str(prefix)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work_dir)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    source = _train(work, _data(work), args.layers, args.hidden)
+    source = _train(work, finnish_dataset(work), args.layers, args.hidden)
     tag = (source / "latest").read_text().strip()
     size = sum(f.stat().st_size for f in (source / tag).iterdir())
 
@@ -101,9 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(lines)
     print(text)
     if args.record:
-        with open(args.record, "a") as f:
-            f.write(f"\n{time.strftime('%Y-%m-%d')}: `python benchmarks/universal_workers.py "
-                    f"{' '.join(argv if argv is not None else sys.argv[1:])}`\n\n{text}\n")  # fmt: skip
+        append_record(
+            args.record, "universal_workers.py", sys.argv[1:] if argv is None else argv, text
+        )
     shutil.rmtree(work, ignore_errors=True)
     return 0
 

@@ -504,21 +504,18 @@ def hf_reader(source: Source, family: ModelFamily, config: ModelConfig) -> drive
     kept (the driver asks for the names of one parameter together)."""
     merger = Merger(source, config)
     by_hf = {name: t for t in tensors_of(family, config) for name in t.entry.hf}
-    last: dict[str, torch.Tensor] = {}
-    last_param: list[str] = [""]
+    last: tuple[str, dict[str, torch.Tensor]] = ("", {})  # a parameter and its HF tensors
 
     def get(hf_name: str) -> torch.Tensor:
+        nonlocal last
         t = by_hf.get(hf_name)
         if t is None:
             raise UserError(f"{source.tag_dir}: no Megatron-DeepSpeed tensor for {hf_name}")
-        if last_param[0] != t.entry.ours:
-            last.clear()
-            full = merger.full(t)
-            parts = TRANSFORMS[t.entry.transform][1](full, config)
-            del full
-            last.update(zip(t.entry.hf, parts, strict=True))
-            last_param[0] = t.entry.ours
-        return last[hf_name].contiguous()
+        if last[0] != t.entry.ours:
+            last = ("", {})  # drop the previous parameter's tensors before merging the next
+            parts = TRANSFORMS[t.entry.transform][1](merger.full(t), config)
+            last = (t.entry.ours, dict(zip(t.entry.hf, parts, strict=True)))
+        return last[1][hf_name].contiguous()
 
     return get
 

@@ -40,11 +40,14 @@ def _check_layout(ckpt, tp_size: int, pp_size: int) -> None:
             "splits a kv group's fused QKV rows, which the universal checkpoint cannot re-slice; "
             "choose a TP size dividing the kv heads (or reshard weights only)"
         )
+    _require_optimizer_state(ckpt.tag_dir, "reshard it without --with-optimizer")
+
+
+def _require_optimizer_state(tag_dir: Path, advice: str) -> None:
     # bf16 runs write bf16_zero_pp_rank_* (DeepSpeed's prefix whenever bf16 is on)
-    if not any(ckpt.tag_dir.glob("*zero_pp_rank_*_optim_states.pt")):
+    if not any(tag_dir.glob("*zero_pp_rank_*_optim_states.pt")):
         raise UserError(
-            f"{ckpt.tag_dir} has no optimizer state (zero_pp_rank_*_optim_states.pt); "
-            "reshard it without --with-optimizer"
+            f"{tag_dir} has no optimizer state (zero_pp_rank_*_optim_states.pt); {advice}"
         )
 
 
@@ -126,12 +129,11 @@ def convert_in_place(checkpoint: str | Path, iteration: int | None, workers: int
     """`--universal`: the checkpoint's `<tag>_universal` beside it (resumable)."""
     from megatron_ext.convert import to_universal
 
-    ckpt = open_checkpoint(checkpoint, iteration)
-    if not any(ckpt.tag_dir.glob("*zero_pp_rank_*_optim_states.pt")):
-        raise UserError(f"{ckpt.tag_dir} has no optimizer state: nothing to convert")
-    return ckpt.tag_dir.parent / to_universal.convert(
-        ckpt.tag_dir.parent, ckpt.tag_dir.name, workers
-    )
+    # the conversion checks every file's checksum itself (open_checkpoint would read the
+    # model files once more)
+    tag_dir = checkpoint_format.resolve_tag_dir(checkpoint, iteration)
+    _require_optimizer_state(tag_dir, "nothing to convert")
+    return tag_dir.parent / to_universal.convert(tag_dir.parent, tag_dir.name, workers)
 
 
 def reshard_rank(work: Path, tag: str, output: Path, tp_size: int, pp_size: int) -> int:

@@ -98,13 +98,14 @@ def run(args: argparse.Namespace) -> int:
         print("more nodes, a shorter sequence, or a smaller global batch would help")
         return 1
     from megatron_ext.planner import checkpoint_io
+    from megatron_ext.training.config import CheckpointConfig
 
     tp0 = good[0].layout.tp
     save = checkpoint_io.save_report(
         checkpoint_io.checkpoint_bytes(model, tp0, req.precision),
         profile.filesystem_write_gb_s,
         profile.signal_margin_s,
-        3600.0,  # checkpoint.save_timeout_s's default
+        CheckpointConfig.save_timeout_s,  # the default
     )
     print(
         f"checkpoint: {save['gb']:,.1f} GB (weights, fp32 master, Adam moments); a save takes "

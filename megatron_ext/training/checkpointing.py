@@ -163,12 +163,13 @@ def _rotate(root: Path, old: list[str]) -> None:
                 os.replace(root / name, root / f".{name}.deleting")
                 doomed.append(root / f".{name}.deleting")
 
+    if not doomed:
+        return
+
     def delete() -> None:
         for path in doomed:
             shutil.rmtree(path, ignore_errors=True)
 
-    if not doomed:
-        return
     _ROTATION = threading.Thread(target=delete, name="checkpoint-rotation", daemon=True)
     _ROTATION.start()
 
@@ -252,13 +253,27 @@ def _agree(ok: bool) -> bool:
     return int(flag.item()) == 0
 
 
-def _verified_once(tag_dir: Path) -> str | None:
-    """`verify(tag_dir)` (a stat of every file of the manifest) on rank 0 only, the result
-    shared: at 384 ranks every rank stat-ing every file is a metadata storm on Lustre. Each rank
-    still checks the checksum of each file it reads (the checkpoint engine)."""
-    box = [verify(tag_dir) if dist.get_rank() == 0 else None]
+def on_rank0(fn):
+    """fn() on rank 0 only, its result (or the UserError it raised) shared with every rank
+    (collective). For what reads checkpoint directories: at 384 ranks every rank listing and
+    stat-ing the same files is a metadata storm on Lustre."""
+    box: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = (True, fn())
+        except UserError as exc:
+            box[0] = (False, str(exc))
     dist.broadcast_object_list(box, src=0)
-    return box[0]
+    ok, value = box[0]
+    if not ok:
+        raise UserError(value)
+    return value
+
+
+def _verified_once(tag_dir: Path) -> str | None:
+    """`verify(tag_dir)` (a stat of every file of the manifest) on rank 0 only. Each rank still
+    checks the checksum of each file it reads (the checkpoint engine)."""
+    return on_rank0(lambda: verify(tag_dir))
 
 
 def load(

@@ -204,8 +204,7 @@ class Engine:
 
 def grid_groups(grid) -> dict[str, dist.ProcessGroup]:
     """This rank's tp/pp/dp groups of DeepSpeed's pipeline grid, for our ParallelContext (the
-    grid's "slice" group is the TP group; same rank layout as ours, checked by from_sizes's
-    caller through the ranks)."""
+    grid's "slice" group is the TP group; ParallelContext.from_sizes checks their ranks)."""
     return {"tp": grid.slice_proc_group, "pp": grid.pp_proc_group, "dp": grid.dp_proc_group}
 
 

@@ -150,6 +150,15 @@ def evaluate_loss(
     return sum(losses) / len(losses)
 
 
+def _start_plan(cfg: RunConfig) -> tuple[str | None, bool]:
+    """What start-up learns from the checkpoint directories (run on rank 0, see `_train`):
+    checkpoint.load's layout checked, the universal checkpoint of a layout change, and whether
+    every weight will come from a checkpoint."""
+    check_load_layout(cfg)
+    universal_tag = _universal_tag(cfg)
+    return universal_tag, _weights_from_checkpoint(cfg, universal_tag)
+
+
 def _universal_tag(cfg: RunConfig) -> str | None:
     """The universal checkpoint to load when checkpoint.dir was saved at another (tp, pp, dp)
     layout (converted offline first: else a UserError naming the command)."""
@@ -274,9 +283,7 @@ def train(cfg: RunConfig, stop: StopConditions | None = None, hooks: list | None
 def _train(cfg: RunConfig, stop: StopConditions, hooks: list) -> dict:
     model_config = cfg.model
     baseline_rss_mb = start_rss_tracking()  # what the model, optimizer and steps add comes after
-    check_load_layout(cfg)
-    universal_tag = _universal_tag(cfg)
-    uninitialised = _weights_from_checkpoint(cfg, universal_tag)
+    universal_tag, uninitialised = checkpointing.on_rank0(lambda: _start_plan(cfg))
     engine = build_engine(
         cfg,
         model_config,

@@ -23,7 +23,6 @@ from pathlib import Path
 
 from megatron_ext import checkpoint_format
 from megatron_ext.checkpoint_format import universal_info  # noqa: F401 - universal.X
-from megatron_ext.config import read_yaml
 from megatron_ext.errors import UserError
 from megatron_ext.log import get_logger
 from megatron_ext.training import checkpointing
@@ -33,38 +32,37 @@ log = get_logger(__name__)
 SUFFIX = checkpoint_format.UNIVERSAL_SUFFIX
 
 
-def saved_layout(root: str) -> tuple[str, dict] | None:
-    """(tag, {"tp", "pp", "dp"}) of the checkpoint a resume from `root` would try first."""
-    tags = checkpointing.candidates(Path(root))
-    for tag in tags:
-        if checkpointing.verify(Path(root) / tag) is None:
-            from megatron_ext.training.config import saved_run_config
+def _saved(root: str):
+    """(tag, saved RunConfig, dp) of the checkpoint a resume from `root` would try first."""
+    from megatron_ext.training.config import saved_run_config
 
-            cfg_path = Path(root) / tag / "config.yaml"
-            cfg = saved_run_config(cfg_path)
-            dp = sum(1 for _ in (Path(root) / tag).glob("rng_rank*.pt")) // (
-                cfg.parallel.tp * cfg.parallel.pp
-            )
-            return tag, {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "dp": dp}
+    for tag in checkpointing.candidates(Path(root)):
+        if checkpointing.verify(Path(root) / tag) is None:
+            cfg = saved_run_config(Path(root) / tag / "config.yaml")
+            ranks = sum(1 for _ in (Path(root) / tag).glob("rng_rank*.pt"))
+            return tag, cfg, ranks // (cfg.parallel.tp * cfg.parallel.pp)
     return None
 
 
-def saved_num_kv_heads(root: str, tag: str) -> int:
-    from megatron_ext.models.presets import resolve_model_config
-
-    data = read_yaml(Path(root) / tag / "config.yaml")
-    return resolve_model_config(data["model"]).num_kv_heads
+def saved_layout(root: str) -> tuple[str, dict] | None:
+    """(tag, {"tp", "pp", "dp"}) of the checkpoint a resume from `root` would try first."""
+    found = _saved(root)
+    if found is None:
+        return None
+    tag, cfg, dp = found
+    return tag, {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "dp": dp}
 
 
 def needs_universal(root: str, tp: int, pp: int, dp: int) -> str | None:
     """The tag to convert when the newest checkpoint under `root` has another layout."""
-    found = saved_layout(root)
+    found = _saved(root)
     if found is None:
         return None
-    tag, layout = found
+    tag, cfg, saved_dp = found
+    layout = {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "dp": saved_dp}
     if layout == {"tp": tp, "pp": pp, "dp": dp}:
         return None
-    kv_heads = saved_num_kv_heads(root, tag)
+    kv_heads = cfg.model.num_kv_heads
     if layout["tp"] != tp and (kv_heads % tp or kv_heads % layout["tp"]):
         raise UserError(
             f"{Path(root) / tag} was saved at tp={layout['tp']}; resuming at tp={tp} with "
