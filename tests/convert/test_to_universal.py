@@ -79,3 +79,18 @@ def test_killed_conversion_resumes_to_the_same_files(fi_dataset, tmp_path):
                 assert torch.equal(found, expected), (name, key)
             else:
                 assert found == expected, (name, key)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--universal", "--tp", "2"], "converts in place: give --with-optimizer and --checkpoint"),
+        (["--with-optimizer", "--universal", "--workers", "0"], "--workers 0: give at least 1"),
+    ],
+)
+def test_reshard_universal_refuses_misuse(extra, message, tmp_path, capsys):
+    from megatron_ext.cli import main
+
+    assert main(["convert", "reshard", "--checkpoint", str(tmp_path), *extra]) == 2
+    assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # nothing written

@@ -171,6 +171,9 @@ def test_user_profile_errors_name_the_file_and_key(tmp_path):
     bad.write_text("name: mine\ngpus_per_node: 4\ntasks_per_node: 3\n")
     with pytest.raises(UserError, match="tasks_per_node: must divide gpus_per_node"):
         load_profile(str(bad))
+    bad.write_text("name: mine\nfilesystem_write_gb_s: 0\n")
+    with pytest.raises(UserError, match="filesystem_write_gb_s: must be a positive bandwidth"):
+        load_profile(str(bad))
 
 
 def test_user_profile_by_env_dir(tmp_path, monkeypatch, run_yaml):

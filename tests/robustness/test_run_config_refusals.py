@@ -17,6 +17,7 @@ CASES = {
     "data.num_workers=-1": "data.num_workers=-1 must be >= 0",
     "train.collective_timeout_s=0": "train.collective_timeout_s=0.0 must be a positive number",
     "checkpoint.keep=-1": "checkpoint.keep must be >= 0 (0 keeps every checkpoint)",
+    "checkpoint.save_timeout_s=0": "checkpoint.save_timeout_s=0.0 must be a positive number",
     "parallel.pp=3": "parallel.pp=3 is more pipeline stages than the model's 2 layers",
     "--reset-progress": "--reset-progress) needs checkpoint.load",
 }
