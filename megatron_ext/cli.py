@@ -58,14 +58,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def exit_after_shutdown(code: int) -> None:
-    """Leave with os._exit (after flushing) when this process shut down a process group.
+    """Leave with os._exit (after flushing) when this process made a process group.
 
     Trap (training/engine.py): even after barrier + destroy_process_group, about one rank in a
     hundred aborted in interpreter finalization with "terminate called without an active
-    exception" (gloo work destroyed while the interpreter goes away). Nothing is left to run
-    after a clean shutdown, so skipping finalization loses nothing; logs are flushed first."""
+    exception" (gloo work destroyed while the interpreter goes away), and a rank leaving after
+    a timed-out collective (exit 4, no shutdown possible) aborts there the same way, turning
+    its exit code into 134. Nothing is left to run once `run` returned, so skipping
+    finalization loses nothing; logs are flushed first."""
     engine = sys.modules.get("megatron_ext.training.engine")
-    if engine is None or not engine.was_shut_down():
+    if engine is None or not engine.group_was_used():
         return
     import logging
 

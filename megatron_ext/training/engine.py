@@ -16,8 +16,9 @@ regression test in tests/training/test_engine.py:
 - ~1 in 6-10 gloo runs abort at exit: `shutdown()` ends with barrier + destroy_process_group;
   even then ~1 in 100+ rank processes still aborted in interpreter finalization ("terminate
   called without an active exception": a gloo worker thread's work object destroyed while the
-  interpreter is torn down), so a program whose process group was shut down cleanly leaves
-  with os._exit after flushing (`cli.main`, `exit_after_shutdown`);
+  interpreter is torn down), so a program that made a process group (shut down, or left
+  alive after a timed-out collective) leaves with os._exit after flushing (`cli.main`,
+  `exit_after_shutdown`);
 - subgroups ignore init_process_group's timeout (30 min on gloo): `apply_collective_timeout`
   (regression test: test_resume.py::test_stuck_rank_times_out_naming_stage_and_collective).
 """
@@ -99,6 +100,12 @@ def shutdown() -> None:
 def was_shut_down() -> bool:
     """True once this process's group was torn down cleanly by `shutdown`."""
     return _SHUT_DOWN
+
+
+def group_was_used() -> bool:
+    """True when this process made a process group: shut down, or still alive because a
+    collective failed (a stuck or dead peer) and no barrier could end it."""
+    return _SHUT_DOWN or (dist.is_available() and dist.is_initialized())
 
 
 def deepspeed_config(cfg: RunConfig, dp_size: int, load_universal: bool = False) -> dict:

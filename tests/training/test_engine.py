@@ -114,23 +114,26 @@ os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", WO
 cli.exit_after_shutdown(5)  # no process group yet: returns
 atexit.register(lambda: print("finalization ran", flush=True))
 dist.init_process_group("gloo")
-engine.shutdown()
+if sys.argv[2] == "shutdown":
+    engine.shutdown()
 print("before exit", end="")  # unflushed: exit_after_shutdown flushes it
 cli.exit_after_shutdown(7)
 print("not reached")
 """
 
 
-def test_exit_after_shutdown_flushes_and_skips_finalization():
-    """After a clean shutdown the program leaves with os._exit: its code, its buffered output,
-    and no interpreter finalization (where gloo aborted ~1 rank in 100)."""
+@pytest.mark.parametrize("ending", ["shutdown", "abandoned"])
+def test_exit_after_shutdown_flushes_and_skips_finalization(ending):
+    """After a clean shutdown, or with the group left alive after a failed collective (exit 4),
+    the program leaves with os._exit: its code, its buffered output, and no interpreter
+    finalization (where gloo aborted, turning exit 4 into 134)."""
     import subprocess
     import sys
 
     from megatron_ext.training.ranks import free_port
 
     proc = subprocess.run(
-        [sys.executable, "-c", EXIT_SCRIPT, str(free_port())],
+        [sys.executable, "-c", EXIT_SCRIPT, str(free_port()), ending],
         capture_output=True,
         text=True,
         timeout=120,
