@@ -24,6 +24,7 @@ import json
 import os
 import pickle
 import re
+import threading
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -74,10 +75,13 @@ class _ChecksumWriter:
 
 
 def save_file(obj, path: str | Path) -> tuple[int, str]:
-    """torch.save OBJ to PATH, checksummed while writing. Returns (size, crc32)."""
+    """torch.save OBJ to PATH, checksummed while writing, and on disk before it returns (fsync:
+    `latest` moves only to files that survive a node crash). Returns (size, crc32)."""
     with open(path, "wb") as f:
         writer = _ChecksumWriter(f)
         torch.save(obj, writer)
+        f.flush()
+        os.fsync(f.fileno())
     return writer.size, f"{writer.crc:08x}"
 
 
@@ -263,18 +267,31 @@ def checkpoint_engine():
         def __init__(self):
             super().__init__(None)
             self.written: dict[str, tuple[int, str]] = {}  # absolute path -> (size, crc32)
+            self._lock = threading.Lock()  # `write` may run in a background writer thread
             self._manifests: dict[Path, Manifest] = {}
+            # checkpoint.async_save: a training/async_checkpoint.BackgroundWriter; `save` then
+            # snapshots the state to host memory and returns, the writer thread calls `write`
+            self.background = None
 
         def save(self, state_dict, path: str) -> None:
-            self.written[os.path.abspath(path)] = save_file(state_dict, path)
+            if self.background is not None:
+                self.background.submit(state_dict, path)
+            else:
+                self.write(state_dict, path)
+
+        def write(self, state_dict, path: str) -> None:
+            checksum = save_file(state_dict, path)
+            with self._lock:
+                self.written[os.path.abspath(path)] = checksum
 
         def take_written(self, tag_dir: Path) -> dict[str, tuple[int, str]]:
             """The checksums of files saved under TAG_DIR since the last call, by relative name."""
             tag_dir = Path(os.path.abspath(tag_dir))
             out = {}
-            for path in list(self.written):
-                if Path(path).is_relative_to(tag_dir):
-                    out[str(Path(path).relative_to(tag_dir))] = self.written.pop(path)
+            with self._lock:
+                for path in list(self.written):
+                    if Path(path).is_relative_to(tag_dir):
+                        out[str(Path(path).relative_to(tag_dir))] = self.written.pop(path)
             return out
 
         def manifest(self, tag_dir: Path) -> Manifest:

@@ -102,49 +102,190 @@ def save(engine, root: str, iteration: int, client_state: dict, run_config, keep
     The collectives inside run under checkpoint.save_timeout_s (restored to
     train.collective_timeout_s after): a slow filesystem must not time a save out. Rotated
     checkpoints are deleted by a background thread of rank 0 after `latest` moved, outside the
-    critical path (`wait_for_rotation` joins it)."""
+    critical path (`wait_for_rotation` joins it). With checkpoint.async_save the files are
+    written in the background (training/async_checkpoint.py): the checkpoint becomes `latest`
+    later, when every rank's part is on disk; `finish_saves` waits for that."""
     timeouts = (run_config.checkpoint.save_timeout_s, run_config.train.collective_timeout_s)
     distributed.set_group_timeouts(timeouts[0])
     try:
+        _wait_for_previous(engine)
+        if run_config.checkpoint.async_save:
+            return _save_async(engine, root, iteration, client_state, run_config, keep)
         return _save(engine, root, iteration, client_state, run_config, keep)
     finally:
         distributed.set_group_timeouts(timeouts[1])
+
+
+def _start_tmp(root_p: Path, tag: str) -> Path:
+    tmp = root_p / (tag + ".tmp")
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
+    return tmp
+
+
+def _publish(root_p: Path, tag: str, checksums: dict, keep: int, started: float, how: str) -> None:
+    """Rank 0: the manifest, the rename of <tag>.tmp, `latest`, the rotation (in that order)."""
+    tmp = root_p / (tag + ".tmp")
+    checkpoint_format.write_manifest(tmp, checksums)
+    final = root_p / tag
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    write_latest(root_p, tag)
+    _rotate(root_p, list_checkpoints(root_p)[:-keep] if keep > 0 else [])
+    seconds = time.monotonic() - started
+    size = sum(size for size, _ in checksums.values())
+    log.info(
+        "saved checkpoint %s in %.1f s%s (%.3g GB, %.3g GB/s)",
+        final, seconds, how, size / 1e9, size / 1e9 / max(seconds, 1e-9),
+    )  # fmt: skip
+    COMPLETED.append(int(TAG_RE.match(tag).group(1)))
 
 
 def _save(engine, root: str, iteration: int, client_state: dict, run_config, keep: int) -> str:
     started = time.monotonic()
     root_p = Path(root)
     tag = tag_of(iteration)
-    tmp_tag = tag + ".tmp"
+    tmp = _start_tmp(root_p, tag)
     rank = dist.get_rank()
-    if rank == 0:
-        shutil.rmtree(root_p / tmp_tag, ignore_errors=True)
-    dist.barrier()
     files = engine.ds.checkpoint_engine  # checksums as it writes (checkpoint_format)
     engine.ds.save_checkpoint(
-        str(root_p), tag=tmp_tag, client_state=client_state, save_latest=False
+        str(root_p), tag=tmp.name, client_state=client_state, save_latest=False
     )
-    files.save(_rng_state(engine), str(root_p / tmp_tag / f"rng_rank{rank}.pt"))
+    files.save(_rng_state(engine), str(tmp / f"rng_rank{rank}.pt"))
     written = [None] * dist.get_world_size()
-    dist.all_gather_object(written, files.take_written(root_p / tmp_tag))
+    dist.all_gather_object(written, files.take_written(tmp))
     if rank == 0:
-        dump_yaml(run_config, root_p / tmp_tag / "config.yaml")
+        dump_yaml(run_config, tmp / "config.yaml")
         checksums = {k: v for part in written for k, v in part.items()}
-        checkpoint_format.write_manifest(root_p / tmp_tag, checksums)
-        final = root_p / tag
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(root_p / tmp_tag, final)
-        write_latest(root_p, tag)
-        _rotate(root_p, list_checkpoints(root_p)[:-keep] if keep > 0 else [])
-        seconds = time.monotonic() - started
-        size = sum(size for size, _ in checksums.values())
-        log.info(
-            "saved checkpoint %s in %.1f s (%.3g GB, %.3g GB/s)",
-            final, seconds, size / 1e9, size / 1e9 / max(seconds, 1e-9),
-        )  # fmt: skip
+        _publish(root_p, tag, checksums, keep, started, "")
     dist.barrier()
     return tag
+
+
+def _save_async(engine, root: str, iteration: int, client_state: dict, run_config, keep: int):
+    """Snapshot to host memory (the only stall), queue the writes, and on rank 0 start the
+    finaliser that publishes the checkpoint once every rank's part marker is there."""
+    global _FINALISER
+    started = time.monotonic()
+    root_p = Path(root)
+    tag = tag_of(iteration)
+    tmp = _start_tmp(root_p, tag)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    files = engine.ds.checkpoint_engine
+    writer = _writer_of(files, rank)
+    writer.snapshot_s = 0.0
+    engine.ds.save_checkpoint(
+        str(root_p), tag=tmp.name, client_state=client_state, save_latest=False
+    )
+    files.save(_rng_state(engine), str(tmp / f"rng_rank{rank}.pt"))
+    writer.close_part(tmp)
+    if rank == 0:
+        dump_yaml(run_config, tmp / "config.yaml")
+        deadline = started + run_config.checkpoint.save_timeout_s
+        _FINALISER = threading.Thread(
+            target=_finalise,
+            args=(root_p, tag, world, keep, started, deadline),
+            name="checkpoint-finaliser",
+            daemon=True,
+        )
+        _FINALISER.start()
+    dist.barrier()
+    if rank == 0:
+        log.info(
+            "checkpoint %s: state copied to host memory in %.2f s, writing in the background",
+            tag, time.monotonic() - started,
+        )  # fmt: skip
+    return tag
+
+
+_FINALISER: threading.Thread | None = None
+_FINALISE_ERROR: list[str] = []
+COMPLETED: list[int] = []  # iterations whose checkpoint became `latest` (`take_completed`)
+
+
+def _writer_of(files, rank: int):
+    from megatron_ext.training.async_checkpoint import BackgroundWriter
+
+    if files.background is None:
+        files.background = BackgroundWriter(files, rank)
+    return files.background
+
+
+def _finalise(root_p: Path, tag: str, world: int, keep: int, started: float, deadline: float):
+    from megatron_ext.training import async_checkpoint
+
+    tmp = root_p / (tag + ".tmp")
+    try:
+        missing = async_checkpoint.wait_for_parts(tmp, world, deadline)
+        if missing:
+            raise RuntimeError(
+                f"ranks {missing[:8]}{' ...' if len(missing) > 8 else ''} did not finish writing "
+                f"their part within checkpoint.save_timeout_s"
+            )
+        written = async_checkpoint.read_parts(tmp, world)
+        problem = async_checkpoint.check_sizes(tmp, written)
+        if problem:
+            raise RuntimeError(problem)
+        shutil.rmtree(tmp / async_checkpoint.PARTS)
+        _publish(root_p, tag, written, keep, started, " (written in the background)")
+    except Exception as exc:  # noqa: BLE001 - reported by finish_saves / the next save
+        message = f"asynchronous save of {tag} not published: {exc}; `latest` is unchanged"
+        log.error("%s", message)
+        _FINALISE_ERROR.append(message)
+
+
+def _wait_for_previous(engine) -> None:
+    """Before a save: this rank's writes of the previous save are done, and on rank 0 the
+    previous checkpoint is published (collective). A failure anywhere raises on every rank."""
+    writer = getattr(engine.ds.checkpoint_engine, "background", None)
+    if writer is None:
+        return
+    started = time.monotonic()
+    error = writer.wait()
+    if dist.get_rank() == 0:
+        _join_finaliser()
+    waited = time.monotonic() - started
+    if waited > 0.5:
+        log.warning(
+            "waited %.1f s for the previous asynchronous save (a save takes longer than "
+            "checkpoint.interval steps)", waited,
+        )  # fmt: skip
+    if dist.get_rank() == 0 and _FINALISE_ERROR:
+        error = error or _FINALISE_ERROR[-1]
+    _FINALISE_ERROR.clear()
+    if not _agree(error is None):
+        raise UserError(
+            error
+            or "another rank's asynchronous checkpoint write failed (its log names the "
+            "file); the last published checkpoint is kept"
+        )
+
+
+def _join_finaliser() -> None:
+    global _FINALISER
+    if _FINALISER is not None:
+        _FINALISER.join()
+        _FINALISER = None
+
+
+def finish_saves(engine, run_config) -> None:
+    """Wait for an asynchronous save in flight to be written and published (collective): at the
+    end of a run and before a stop exits. Raises UserError on every rank if it failed."""
+    timeouts = (run_config.checkpoint.save_timeout_s, run_config.train.collective_timeout_s)
+    distributed.set_group_timeouts(timeouts[0])
+    try:
+        _wait_for_previous(engine)
+    finally:
+        distributed.set_group_timeouts(timeouts[1])
+
+
+def take_completed() -> list[int]:
+    """The iterations whose checkpoints became `latest` since the last call (rank 0)."""
+    done = COMPLETED[:]
+    del COMPLETED[: len(done)]
+    return done
 
 
 _ROTATION: threading.Thread | None = None

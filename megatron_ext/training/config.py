@@ -112,6 +112,10 @@ class CheckpointConfig:
     # a 176B save writes ~5.5 GB per rank, which a busy parallel filesystem can stretch past the
     # step timeout; `plan`/`--dry-run` print the expected save time
     save_timeout_s: float = 3600.0
+    # write checkpoints in the background: training stalls only while each rank copies its part
+    # to host memory (kept for reuse: one more checkpoint part per rank in host memory);
+    # `latest` moves when every rank's part is on disk (training/async_checkpoint.py)
+    async_save: bool = False
 
 
 @dataclass

@@ -373,11 +373,15 @@ def _train(cfg: RunConfig, stop: StopConditions, hooks: list) -> dict:
             if step % cfg.checkpoint.interval == 0 and finite:
                 _save(engine, cfg, state)
                 last_saved = step
-                task_eval.after_save(step)
+            for saved_step in checkpointing.take_completed():  # published (async: later)
+                task_eval.after_save(saved_step)
         final_save = state.iteration != last_saved
         if final_save:
             _save(engine, cfg, state)
-            task_eval.after_save(state.iteration)
+        with _collectives_named(engine, state.iteration, "waiting for the last checkpoint"):
+            checkpointing.finish_saves(engine, cfg)  # async: the last save is published
+        for saved_step in checkpointing.take_completed():
+            task_eval.after_save(saved_step)
         task_eval.finish()
         if result["stopped"]:
             if final_save:

@@ -11,7 +11,8 @@ faults (JSON in MEGATRON_EXT_FAULTS):
                               fast the machine is)
     slow_save_step, slow_save_rank, slow_save_s
                               that rank sleeps slow_save_s before writing the checkpoint of that
-                              step (a filesystem slower than the collective timeout)
+                              step (a filesystem slower than the collective timeout); with
+                              checkpoint.async_save the background writer sleeps
 """
 
 from __future__ import annotations
@@ -66,16 +67,16 @@ class Faults:
         step, rank, seconds = self.slow_save
         if step is not None and dist.get_rank() == rank:
             files = engine.ds.checkpoint_engine
-            save = files.save
+            write = files.write  # the file write: a background thread's with async_save
 
             def slow(state_dict, path):
-                if self.step == step and not self.slept:
+                if f"iter_{step:07d}" in str(path) and not self.slept:  # that step's files
                     log.warning("fault injection: rank %d saves %.0f s late", rank, seconds)
-                    time.sleep(seconds)
                     self.slept = True
-                return save(state_dict, path)
+                    time.sleep(seconds)
+                return write(state_dict, path)
 
-            files.save = slow
+            files.write = slow
         self.slept = False
         self.installed = True
 
