@@ -43,7 +43,9 @@ from megatron_ext.log import get_logger
 log = get_logger(__name__)
 
 PARTS = ".parts"  # under <tag>.tmp: rank{R:05d}.json when rank R's files are written
-POLL_S = 0.2
+POLL_S = 0.5
+HURRY_POLL_S = 0.005
+WRITER_NICE = 19
 
 
 class HostBuffers:
@@ -134,6 +136,10 @@ class BackgroundWriter:
         self._queue.put(("part", None, str(tmp_dir)))
 
     def _run(self) -> None:
+        try:  # Linux: a thread has its own nice value; the writer yields the cores to training
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICE)
+        except (AttributeError, OSError):
+            pass
         while True:
             kind, state, path = self._queue.get()
             try:
@@ -161,16 +167,23 @@ class BackgroundWriter:
         return None if error is None else str(error)
 
 
-def wait_for_parts(tmp_dir: Path, world_size: int, deadline: float) -> list[int]:
-    """Rank 0's finaliser: poll TMP_DIR/.parts until every rank's marker is there or DEADLINE
-    (time.monotonic) passes; returns the ranks still missing (empty: all written)."""
+def wait_for_parts(
+    tmp_dir: Path, world_size: int, deadline: float, hurry: threading.Event
+) -> list[int]:
+    """Rank 0's finaliser: list TMP_DIR/.parts every POLL_S (one listing from one rank, however
+    many ranks), every HURRY_POLL_S once HURRY is set (training waits for this checkpoint),
+    until every rank's marker is there or DEADLINE (time.monotonic) passes; returns the ranks
+    still missing (empty: all written)."""
     parts = Path(tmp_dir) / PARTS
     while True:
         present = {p.name for p in parts.glob("rank*.json")} if parts.is_dir() else set()
         missing = [r for r in range(world_size) if f"rank{r:05d}.json" not in present]
         if not missing or time.monotonic() > deadline:
             return missing
-        time.sleep(POLL_S)
+        if hurry.is_set():
+            time.sleep(HURRY_POLL_S)
+        else:
+            hurry.wait(POLL_S)
 
 
 def read_parts(tmp_dir: Path, world_size: int) -> dict[str, tuple[int, str]]:

@@ -202,6 +202,7 @@ def _save_async(engine, root: str, iteration: int, client_state: dict, run_confi
 
 _FINALISER: threading.Thread | None = None
 _FINALISE_ERROR: list[str] = []
+_HURRY = threading.Event()  # set while training waits for the finaliser: poll faster
 COMPLETED: list[int] = []  # iterations whose checkpoint became `latest` (`take_completed`)
 
 
@@ -218,7 +219,7 @@ def _finalise(root_p: Path, tag: str, world: int, keep: int, started: float, dea
 
     tmp = root_p / (tag + ".tmp")
     try:
-        missing = async_checkpoint.wait_for_parts(tmp, world, deadline)
+        missing = async_checkpoint.wait_for_parts(tmp, world, deadline, _HURRY)
         if missing:
             raise RuntimeError(
                 f"ranks {missing[:8]}{' ...' if len(missing) > 8 else ''} did not finish writing "
@@ -266,8 +267,10 @@ def _wait_for_previous(engine) -> None:
 def _join_finaliser() -> None:
     global _FINALISER
     if _FINALISER is not None:
+        _HURRY.set()
         _FINALISER.join()
         _FINALISER = None
+        _HURRY.clear()
 
 
 def finish_saves(engine, run_config) -> None:

@@ -252,6 +252,7 @@ def _client_state(state: TrainState, engine: Engine, cfg: RunConfig) -> dict:
 
 def _save(engine: Engine, cfg: RunConfig, state: TrainState) -> None:
     tag = checkpointing.tag_of(state.iteration)
+    started = time.perf_counter()
     with _collectives_named(engine, state.iteration, f"the checkpoint save of {tag}"):
         checkpointing.save(
             engine,
@@ -261,6 +262,8 @@ def _save(engine: Engine, cfg: RunConfig, state: TrainState) -> None:
             cfg,
             cfg.checkpoint.keep,
         )
+    if engine.ctx.rank == 0:
+        log.info("training stalled %.3f s for the save of %s", time.perf_counter() - started, tag)
 
 
 def train(cfg: RunConfig, stop: StopConditions | None = None, hooks: list | None = None) -> dict:
@@ -378,8 +381,11 @@ def _train(cfg: RunConfig, stop: StopConditions, hooks: list) -> dict:
         final_save = state.iteration != last_saved
         if final_save:
             _save(engine, cfg, state)
+        started = time.perf_counter()
         with _collectives_named(engine, state.iteration, "waiting for the last checkpoint"):
             checkpointing.finish_saves(engine, cfg)  # async: the last save is published
+        if cfg.checkpoint.async_save and c.rank == 0:
+            log.info("waited %.3f s for the last background write", time.perf_counter() - started)
         for saved_step in checkpointing.take_completed():
             task_eval.after_save(saved_step)
         task_eval.finish()
