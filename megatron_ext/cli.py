@@ -32,6 +32,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "megatron_ext.training.train_cli",
         "train a model (DeepSpeed pipeline + ZeRO-1 + TP)",
     ),
+    "rehearse": (
+        "megatron_ext.training.rehearse",
+        "walk a run's start-up and checkpoint layout at its real world size, in one process",
+    ),
     "evaluate": (
         "megatron_ext.training.evaluate_cli",
         "validation loss/perplexity of a checkpoint",

@@ -257,6 +257,8 @@ def pipeline_module_class():
             return counts
 
         def to(self, *args, **kwargs):
+            if _KEEP_META:
+                return self
             if not any(p.is_meta for p in self.parameters()):
                 return super().to(*args, **kwargs)
             # trap: to_empty replaces meta parameters by new Parameter objects, dropping their
@@ -271,25 +273,29 @@ def pipeline_module_class():
     return StagePipeline
 
 
-def build_engine(
-    cfg: RunConfig,
-    model_config: ModelConfig,
-    load_universal: bool = False,
-    weights_from_checkpoint: bool = False,
-) -> Engine:
-    """Build this rank's pipeline stage and the DeepSpeed engine (collective: all ranks).
+_KEEP_META = False
 
-    weights_from_checkpoint: the caller loads every weight (and the optimizer's fp32 copies, or
-    DeepSpeed refreshes them from the weights) right after: the stage is built on the meta
-    device and allocated uninitialised, with no init cost."""
-    import deepspeed
+
+@contextlib.contextmanager
+def keeping_meta():
+    """While building a stage on the meta device (device="meta"), leave it there: DeepSpeed's
+    PipelineModule moves the stage to its device in __init__ (`megatron-ext rehearse` builds
+    176B stages of every rank that way without allocating them)."""
+    global _KEEP_META
+    _KEEP_META = True
+    try:
+        yield
+    finally:
+        _KEEP_META = False
+
+
+def build_stage(cfg: RunConfig, model_config: ModelConfig, device: str | None = None):
+    """DeepSpeed's grid (its tp/pp/dp groups, shared with our ParallelContext) and this rank's
+    pipeline stage (collective); returns (topology, grid, ctx, module, loss_fn, dtype).
+    device="meta": built without allocation (allocated uninitialised when DeepSpeed moves it,
+    unless `keeping_meta`)."""
     from deepspeed.runtime.pipe.topology import PipelineParallelGrid, PipeModelDataParallelTopology
 
-    if cfg.train.precision == "fp16" and not deepspeed.get_accelerator().is_fp16_supported():
-        raise UserError(
-            "train.precision=fp16: DeepSpeed's accelerator on this machine "
-            f"({deepspeed.get_accelerator().device_name()}) has no fp16; use bf16 (or fp32) here"
-        )
     world = dist.get_world_size()
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
     dp = cfg.data_parallel_size(world)
@@ -306,7 +312,6 @@ def build_engine(
     ckpt = cfg.train.activation_checkpointing
     every = cfg.train.checkpoint_every_layers
     interval = {"none": 0, "selective": 0, "full": 1, "every": every}[ckpt]
-    device = "meta" if weights_from_checkpoint else None
     with reusing_grid(grid):
         module = pipeline_module_class()(
             layers=layer_specs(model_config, ctx, cfg.train.seed, device=device),
@@ -324,10 +329,34 @@ def build_engine(
             if isinstance(layer, SelfAttention):
                 layer.recompute_core = True
     dtype = DTYPES[cfg.train.precision]
-    if dtype != torch.float32:
+    if dtype != torch.float32 and not _KEEP_META:
         module.to(dtype)  # DeepSpeed keeps fp32 master weights in its ZeRO-1 optimizer
     _mark_tensor_parallel(module)
     register_tp_duplicated_grad_hooks(module, ctx)
+    return topology, grid, ctx, module, loss_fn, dtype
+
+
+def build_engine(
+    cfg: RunConfig,
+    model_config: ModelConfig,
+    load_universal: bool = False,
+    weights_from_checkpoint: bool = False,
+) -> Engine:
+    """Build this rank's pipeline stage and the DeepSpeed engine (collective: all ranks).
+
+    weights_from_checkpoint: the caller loads every weight (and the optimizer's fp32 copies, or
+    DeepSpeed refreshes them from the weights) right after: the stage is built on the meta
+    device and allocated uninitialised, with no init cost."""
+    import deepspeed
+
+    if cfg.train.precision == "fp16" and not deepspeed.get_accelerator().is_fp16_supported():
+        raise UserError(
+            "train.precision=fp16: DeepSpeed's accelerator on this machine "
+            f"({deepspeed.get_accelerator().device_name()}) has no fp16; use bf16 (or fp32) here"
+        )
+    device = "meta" if weights_from_checkpoint else None
+    topology, grid, ctx, module, loss_fn, dtype = build_stage(cfg, model_config, device)
+    dp = ctx.dp_size
     device = distributed.current_device()
     if device.type == "cuda" and dtype == torch.float32:
         log.warning(
