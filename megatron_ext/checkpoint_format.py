@@ -102,8 +102,27 @@ def write_manifest(tag_dir: Path, written: dict[str, tuple[int, str]] | None = N
             size, crc = crc32_file(p)
         files[name] = {"size": size, "crc32": crc}
     tmp = tag_dir / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps({"format": FORMAT, "checksum": "crc32", "files": files}, indent=1))
+    durable_write(
+        tmp, json.dumps({"format": FORMAT, "checksum": "crc32", "files": files}, indent=1)
+    )
     os.replace(tmp, tag_dir / MANIFEST)
+
+
+def durable_write(path: Path, text: str) -> None:
+    """Write TEXT to PATH and fsync it (then os.replace it into place)."""
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the renames inside directory PATH durable (POSIX: fsync of the directory)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class Manifest:
@@ -284,6 +303,11 @@ def checkpoint_engine():
             with self._lock:
                 self.written[os.path.abspath(path)] = checksum
 
+        def preserves_storage_sharing(self) -> bool:
+            # DeepSpeed then clones every layer's state (on the device) before `save`, so that
+            # torch.save keeps views small; the asynchronous snapshot copies each tensor anyway
+            return self.background is None
+
         def take_written(self, tag_dir: Path) -> dict[str, tuple[int, str]]:
             """The checksums of files saved under TAG_DIR since the last call, by relative name."""
             tag_dir = Path(os.path.abspath(tag_dir))
@@ -352,9 +376,11 @@ def is_mp_rank_file(name: str) -> bool:
 
 
 def write_latest(root: Path, tag: str, name: str = LATEST) -> None:
+    """Point NAME at TAG, durably: the tag's rename before it and this file reach the disk."""
     tmp = root / f".{name}.tmp"
-    tmp.write_text(tag)
+    durable_write(tmp, tag)
     os.replace(tmp, root / name)
+    fsync_dir(root)
 
 
 def list_checkpoints(root: Path) -> list[str]:

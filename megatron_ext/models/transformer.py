@@ -38,7 +38,7 @@ from megatron_ext.parallel.tensor_parallel import (
     normal_init,
     scaled_normal_init,
 )
-from megatron_ext.parallel.tensor_parallel.layers import make_param
+from megatron_ext.parallel.tensor_parallel.layers import TiledNormal, make_param
 
 
 class Norm(nn.Module):
@@ -79,13 +79,7 @@ def _output_init(config: ModelConfig):
 
 def _real_rows_init(config: ModelConfig):
     """Normal init of the real vocabulary rows, zeros for the padding rows (TP-invariant)."""
-    init = normal_init(config.init_std)
-
-    def fill(full: torch.Tensor) -> None:
-        full.zero_()
-        init(full[: config.vocab_size])
-
-    return fill
+    return TiledNormal(config.init_std, real_rows=config.vocab_size)
 
 
 class MLP(nn.Module):

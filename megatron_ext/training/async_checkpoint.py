@@ -79,16 +79,20 @@ def snapshot(obj, buffers: HostBuffers, name: str):
         if isinstance(x, torch.Tensor):
             counter[0] += 1
             return buffers.copy(x, (name, counter[0]))
+        if isinstance(x, str | int | float | bool | bytes | type(None) | torch.dtype | torch.Size):
+            return x
         if isinstance(x, dict):
-            out = type(x)() if type(x) is not dict else {}
+            out = copy.copy(x)  # the same type (OrderedDict, defaultdict with its factory)
             for k, v in x.items():
                 out[k] = walk(v)
             return out
-        if isinstance(x, list | tuple) and not hasattr(x, "_fields"):
+        if isinstance(x, list):
+            return type(x)(walk(v) for v in x) if type(x) is not list else [walk(v) for v in x]
+        if isinstance(x, tuple):
             items = [walk(v) for v in x]
-            return items if isinstance(x, list) else tuple(items)
-        if isinstance(x, str | int | float | bool | bytes | type(None) | torch.dtype):
-            return x
+            if hasattr(x, "_fields"):  # a named tuple
+                return type(x)(*items)
+            return tuple(items) if type(x) is tuple else type(x)(items)
         try:
             return copy.deepcopy(x)
         except Exception:  # noqa: BLE001 - an object that cannot be copied is written as is
@@ -102,6 +106,10 @@ def snapshot(obj, buffers: HostBuffers, name: str):
 
 def part_marker(tmp_dir: Path, rank: int) -> Path:
     return Path(tmp_dir) / PARTS / f"rank{rank:05d}.json"
+
+
+def failed_marker(tmp_dir: Path, rank: int) -> Path:
+    return Path(tmp_dir) / PARTS / f"rank{rank:05d}.failed"
 
 
 def _write_json(path: Path, obj) -> None:
@@ -153,6 +161,11 @@ class BackgroundWriter:
             except BaseException as exc:  # noqa: BLE001 - reported by wait() on the main thread
                 self._error = RuntimeError(f"{path}: {type(exc).__name__}: {exc}")
                 log.error("asynchronous checkpoint write failed: %s", self._error)
+                tmp_dir = Path(path) if kind == "part" else Path(path).parent
+                try:  # rank 0's finaliser stops waiting for this part at once
+                    _write_json(failed_marker(tmp_dir, self.rank), {"error": str(self._error)})
+                except OSError:
+                    pass
             finally:
                 del state
                 self._queue.task_done()
@@ -173,10 +186,16 @@ def wait_for_parts(
     """Rank 0's finaliser: list TMP_DIR/.parts every POLL_S (one listing from one rank, however
     many ranks), every HURRY_POLL_S once HURRY is set (training waits for this checkpoint),
     until every rank's marker is there or DEADLINE (time.monotonic) passes; returns the ranks
-    still missing (empty: all written)."""
+    still missing (empty: all written). A rank's failure marker raises at once.
+    DEADLINE is checkpoint.save_timeout_s from the start of the save: a background write that
+    takes longer is not published (the run stops at the next save naming it)."""
     parts = Path(tmp_dir) / PARTS
     while True:
-        present = {p.name for p in parts.glob("rank*.json")} if parts.is_dir() else set()
+        present = {p.name for p in parts.iterdir()} if parts.is_dir() else set()
+        failed = sorted(n for n in present if n.endswith(".failed"))
+        if failed:
+            error = json.loads((parts / failed[0]).read_text())["error"]
+            raise RuntimeError(f"rank {int(failed[0][4:9])}'s write failed: {error}")
         missing = [r for r in range(world_size) if f"rank{r:05d}.json" not in present]
         if not missing or time.monotonic() > deadline:
             return missing

@@ -237,6 +237,13 @@ def _finalise(root_p: Path, tag: str, world: int, keep: int, started: float, dea
         _FINALISE_ERROR.append(message)
 
 
+def reset_async_state() -> None:
+    """A new run in this process (tests, quickstart) starts without the last one's state."""
+    _join_finaliser()
+    _FINALISE_ERROR.clear()
+    COMPLETED.clear()
+
+
 def _wait_for_previous(engine) -> None:
     """Before a save: this rank's writes of the previous save are done, and on rank 0 the
     previous checkpoint is published (collective). A failure anywhere raises on every rank."""

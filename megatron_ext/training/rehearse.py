@@ -239,7 +239,9 @@ def rehearse(cfg, world: int, tasks_per_node: int, budget_bytes: int | None) -> 
                     "_optim_states.pt": _optim_bytes(stage.params, dp),
                     f"rng_rank{rank}.pt": 0,
                 }
-                if dp_rank == 0:  # DeepSpeed: data-parallel rank 0 writes the model files
+                # DeepSpeed (checkpoint_parallel_write_pipeline false, as we configure it):
+                # data-parallel rank 0 writes the model files
+                if dp_rank == 0:
                     names[f"mp_rank_{mp_rank:02d}_model_states.pt"] = 0
                     for layer, nbytes in stage.layer_bytes.items():
                         names[f"layer_{layer:02d}-model_{ctx.tp_rank:02d}-model_states.pt"] = nbytes
@@ -275,7 +277,7 @@ def rehearse(cfg, world: int, tasks_per_node: int, budget_bytes: int | None) -> 
             missing = sorted((with_state & all_layers) - written)
             out.problem(f"tp rank {t}: layers {missing[:10]} have no checkpoint file")
     _check_tied(out, stages, cfg, tp, dp)
-    _check_universal(out, stages, universal_info(cfg.model))
+    _check_universal(out, stages, universal_info(cfg.model), cfg.model.activation == "swiglu")
     mode = cfg.train.activation_checkpointing
     recompute = {"none": "none", "selective": "selective"}.get(mode, "full")
     layout = Layout(tp, pp, dp, cfg.train.micro_batch_size, recompute,
@@ -344,12 +346,14 @@ def _check_tied(out: Rehearsal, stages, cfg, tp: int, dp: int) -> None:
                 out.problem(f"tied module {key!r} at tp rank {t}: group {ranks}, want {want}")
 
 
-def _check_universal(out: Rehearsal, stages, info: dict) -> None:
+def _check_universal(out: Rehearsal, stages, info: dict, swiglu: bool) -> None:
     from deepspeed.checkpoint import constants as c
 
     replicated = [re.compile(p) for p in info[c.TP_REPLICATED_PARAMETER_PATTERNS]]
     rows = [re.compile(p) for p in info[c.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS]]
     vocab = [re.compile(p) for p in info[c.VOCABULARY_PARAMETER_PATTERNS]]
+    # SwiGLU: each TP shard of linear_fc1 is [gate_r; up_r], merged as two sub-parameters
+    halves = [re.compile(p) for p in info.get("parameter_with_2_sub_params_cat_dim_0", [])]
     used = set()
     seen = set()
     for build in stages.values():
@@ -359,7 +363,11 @@ def _check_universal(out: Rehearsal, stages, info: dict) -> None:
             seen.add(name)
             rep = [p.pattern for p in replicated if p.match(name)]
             row = [p.pattern for p in rows if p.match(name)]
-            used.update(rep + row + [p.pattern for p in vocab if p.match(name)])
+            half = [p.pattern for p in halves if p.match(name)]
+            used.update(rep + row + half + [p.pattern for p in vocab if p.match(name)])
+            if swiglu and name.endswith("linear_fc1.weight") and split and not half:
+                out.problem(f"{name}: SwiGLU's [gate; up] shards but no 2-sub-parameter pattern "
+                            "matches it: the universal merge would interleave gate and up")  # fmt: skip
             if split and rep:
                 out.problem(f"{name}: split over TP but matches the replicated pattern {rep[0]}")
             elif split and dim == 1 and not row:
@@ -370,7 +378,7 @@ def _check_universal(out: Rehearsal, stages, info: dict) -> None:
             elif not split and not rep and out.tp > 1:
                 out.problem(f"{name}: the same on every TP rank but no replicated pattern "
                             "matches it: the universal merge would concatenate the copies")  # fmt: skip
-    for pattern in [p.pattern for p in replicated + rows + vocab]:
+    for pattern in [p.pattern for p in replicated + rows + vocab + halves]:
         if pattern not in used:
             out.problem(f"universal pattern {pattern} matches no parameter")
 

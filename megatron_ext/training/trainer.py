@@ -286,6 +286,7 @@ def train(cfg: RunConfig, stop: StopConditions | None = None, hooks: list | None
 def _train(cfg: RunConfig, stop: StopConditions, hooks: list) -> dict:
     model_config = cfg.model
     baseline_rss_mb = start_rss_tracking()  # what the model, optimizer and steps add comes after
+    checkpointing.reset_async_state()
     universal_tag, uninitialised = checkpointing.on_rank0(lambda: _start_plan(cfg))
     engine = build_engine(
         cfg,
@@ -356,6 +357,8 @@ def _train(cfg: RunConfig, stop: StopConditions, hooks: list) -> dict:
             if not finite:
                 log.warning("step %d: non-finite loss, optimizer step skipped", step)
                 if state.nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
+                    # every rank sees the same loss: publish a save still being written
+                    checkpointing.finish_saves(engine, cfg)
                     raise NonFiniteLossError(
                         f"{state.nonfinite_in_a_row} non-finite losses in a row (up to step {step});"
                         f" the last good checkpoint in {cfg.checkpoint.dir} is kept"

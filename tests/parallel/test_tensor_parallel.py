@@ -179,3 +179,54 @@ def test_tp_init_is_independent_of_tp_size():
     with torch.device("meta"):
         big = ColumnParallelLinear(4096, 16384, tp_group=None)
     assert big.weight.is_meta
+
+
+@pytest.mark.parametrize(
+    "shape,index,dim,real",
+    [
+        ((200, 3000), slice(50, 150), 0, None),  # a column-parallel shard
+        ((200, 3000), torch.tensor([5, 190, 64, 63, 0]), 0, None),  # interleaved rows (QKV)
+        ((200, 3000), slice(1000, 2500), 1, None),  # a row-parallel shard
+        ((300, 70), slice(150, 300), 0, 260),  # vocabulary rows with padding
+        ((130,), slice(65, 130), 0, None),
+        ((7, 5, 3), torch.tensor([6, 0]), 0, None),
+    ],
+)
+def test_a_tiled_shard_is_the_slice_of_the_full_init(shape, index, dim, real):
+    """Each rank generates only its tiles, and gets exactly the values of the full tensor."""
+    from megatron_ext.parallel.tensor_parallel.layers import TiledNormal, _take
+
+    init = TiledNormal(0.02, real)
+    full = torch.empty(shape)
+    init(full, seed=123)
+    assert torch.equal(init.shard(shape, index, dim, 123), _take(full, index, dim))
+    assert abs(float(full[:real].std()) - 0.02) < 0.004
+    if real:
+        assert torch.count_nonzero(full[real:]) == 0 and torch.count_nonzero(full[:real]) > 0
+    other = torch.empty(shape)
+    init(other, seed=124)
+    assert not torch.equal(full, other)
+
+
+SHARD_RSS = """
+import resource, sys, torch
+from megatron_ext.parallel.tensor_parallel.layers import make_param, normal_init, _take
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+torch.manual_seed(0)
+p = make_param((32768, 8192), normal_init(0.02), slice(0, 4096), 0)  # 1 GiB full, 1/8 kept
+grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+print(grown * 1024, float(p.std()))
+"""
+
+
+def test_a_shard_is_made_without_the_full_tensor():
+    """A 1 GiB parameter split 8 ways: the process grows by about its 128 MiB shard, not 1 GiB
+    (the full fp32 tensor every rank built before issue 17.6)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", SHARD_RSS], capture_output=True, text=True,
+                         check=True).stdout.split()  # fmt: skip
+    grown, std = int(out[0]), float(out[1])
+    assert grown < 400 * 2**20, grown
+    assert abs(std - 0.02) < 0.001

@@ -13,6 +13,8 @@ faults (JSON in MEGATRON_EXT_FAULTS):
                               that rank sleeps slow_save_s before writing the checkpoint of that
                               step (a filesystem slower than the collective timeout); with
                               checkpoint.async_save the background writer sleeps
+    fail_save_step, fail_save_rank
+                              that rank's writes of that step's checkpoint fail (disk full)
 """
 
 from __future__ import annotations
@@ -49,9 +51,12 @@ class Faults:
         slow_save_step=None,
         slow_save_rank=0,
         slow_save_s=0.0,
+        fail_save_step=None,
+        fail_save_rank=0,
     ):
         self.nonfinite_steps = set(nonfinite_steps)
         self.slow_save = (slow_save_step, slow_save_rank, slow_save_s)
+        self.fail_save = (fail_save_step, fail_save_rank)
         self.hang_step, self.hang_rank, self.hold_step = hang_step, hang_rank, hold_step
         self.poison = False
         self.installed = False
@@ -77,6 +82,17 @@ class Faults:
                 return write(state_dict, path)
 
             files.write = slow
+        fail_step, fail_rank = self.fail_save  # own names: `slow` above closes over `step`
+        if fail_step is not None and dist.get_rank() == fail_rank:
+            files = engine.ds.checkpoint_engine
+            write_on = files.write
+
+            def failing(state_dict, path):
+                if f"iter_{fail_step:07d}" in str(path):
+                    raise OSError(28, "No space left on device (fault injection)")
+                return write_on(state_dict, path)
+
+            files.write = failing
         self.slept = False
         self.installed = True
 

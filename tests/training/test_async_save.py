@@ -24,6 +24,8 @@ def test_snapshot_is_a_host_copy_that_training_cannot_change():
     state = collections.OrderedDict(
         module={"w": weight, "view": weight[1]},
         optimizer={"step": 3, "groups": [{"lr": 0.1, "params": (0, 1)}], "names": {"a"}},
+        param_shapes=[{"w": torch.Size([2, 3])}],  # DeepSpeed's: zero_to_fp32 calls .numel()
+        counts=collections.defaultdict(int, {"a": 1}),
     )
     buffers = HostBuffers()
     snap = snapshot(state, buffers, "mp_rank_00_model_states.pt")
@@ -33,6 +35,8 @@ def test_snapshot_is_a_host_copy_that_training_cannot_change():
     assert torch.equal(snap["module"]["view"], torch.tensor([3.0, 4.0, 5.0]))
     assert type(snap) is collections.OrderedDict and snap["optimizer"]["names"] == {"a"}
     assert snap["optimizer"]["groups"][0]["params"] == (0, 1)
+    assert snap["param_shapes"][0]["w"].numel() == 6
+    assert snap["counts"]["b"] == 0  # a defaultdict keeps its factory
     # the next save of the same file reuses the host buffers (no new allocation)
     again = snapshot(state, buffers, "mp_rank_00_model_states.pt")
     assert again["module"]["w"].data_ptr() == snap["module"]["w"].data_ptr()
@@ -174,3 +178,20 @@ def test_a_stop_waits_for_the_background_write(fi_dataset, tmp_path):
     assert (ckpt / "latest").read_text() == f"iter_{stopped:07d}"
     assert (ckpt / "iter_0000003" / "manifest.json").is_file()
     assert not list(Path(ckpt).glob("*.tmp"))
+
+
+@pytest.mark.distributed
+def test_a_failed_background_write_stops_the_run_naming_it(fi_dataset, tmp_path):
+    """Rank 1's disk is full when it writes step 2's part: rank 0's finaliser stops waiting at
+    once, the next save stops every rank with the error, and nothing is published."""
+    ckpt = tmp_path / "full"
+    started = time.monotonic()
+    proc = run_train(
+        "bloom", fi_dataset, ckpt, *ARGS, "checkpoint.async_save=true", nproc=2, check=False,
+        faults={"fail_save_step": 2, "fail_save_rank": 1},
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "No space left on device (fault injection)" in proc.stderr
+    assert "not published" in proc.stderr
+    assert time.monotonic() - started < 120  # not checkpoint.save_timeout_s (an hour)
+    assert not (ckpt / "latest").exists() and not (ckpt / "iter_0000002").exists()

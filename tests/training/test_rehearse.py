@@ -75,6 +75,24 @@ def test_each_kind_of_inconsistency_exits_1():
     assert bad.returncode == 2 and "not a multiple of tp x pp = 4" in bad.stderr
 
 
+def test_a_missing_swiglu_rule_is_found(monkeypatch):
+    """Llama's fc1 shards are [gate_r; up_r]: without its 2-sub-parameter rule the merge would
+    interleave gate and up rows."""
+    from megatron_ext import checkpoint_format
+    from megatron_ext.training import rehearse as rh
+
+    real = checkpoint_format.universal_info
+    monkeypatch.setattr(
+        checkpoint_format, "universal_info",
+        lambda model: {k: v for k, v in real(model).items() if "2_sub_params" not in k},
+    )  # fmt: skip
+    cfg = rh.load_config(str(ROOT / "examples" / "tiny_llama.yaml"), ["parallel.tp=2"])
+    result = rh.rehearse(cfg, 2, tasks_per_node=2, budget_bytes=None)
+    assert any("linear_fc1.weight: SwiGLU" in p for p in result.problems), result.problems
+    monkeypatch.setattr(checkpoint_format, "universal_info", real)
+    assert rh.rehearse(cfg, 2, tasks_per_node=2, budget_bytes=None).problems == []
+
+
 def test_a_wrong_universal_rule_is_found(monkeypatch):
     """Without the row-parallel patterns the universal merge would concatenate the dim-1 shards
     of linear_proj / linear_fc2 along dim 0: reported per parameter."""
@@ -98,11 +116,12 @@ def test_a_wrong_universal_rule_is_found(monkeypatch):
 
 
 @pytest.mark.distributed
-def test_rehearsed_files_are_the_files_a_real_run_writes(fi_dataset, tmp_path):
-    """The file names the rehearsal derives for tp=2 pp=2 (4 ranks) are exactly those a real
-    4-rank run saves, and the layer files' sizes are the parameters' bytes (plus pickling)."""
+@pytest.mark.parametrize("layout", ["parallel.tp=2 parallel.pp=2", "parallel.pp=2"])
+def test_rehearsed_files_are_the_files_a_real_run_writes(layout, fi_dataset, tmp_path):
+    """The file names the rehearsal derives for 4 ranks (tp=2 pp=2, and pp=2 dp=2) are exactly
+    those a real run saves, and the layer files' sizes are the parameters' bytes (+ pickling)."""
     ckpt = tmp_path / "real"
-    args = ("parallel.tp=2", "parallel.pp=2", "train.iterations=1")
+    args = (*layout.split(), "train.iterations=1")
     run_train("bloom", fi_dataset, ckpt, *args, nproc=4)
     from megatron_ext.training import rehearse as rh
 

@@ -3,9 +3,16 @@
 Shapes: x [..., in] -> y [..., out]; under sequence parallelism the leading dimension is the
 sequence, split over the TP group ([s/tp, b, h] outside the TP region, [s, b, h] inside).
 
-Initialisation is independent of the TP size: each weight is initialised in full (fp32, on the
-CPU, from the default generator) and each rank keeps its slice, as megatron-core does with
-`use_cpu_initialization=True`. Built under `torch.device("meta")` nothing is allocated.
+Initialisation is independent of the TP size, and each rank generates only its own shard
+(issue 17.6): a normal init (`TiledNormal`) fills the full tensor's 2-D view [rows, cols] in
+fixed tiles of TILE = (64, 1024) elements, each drawn from its own generator seeded by the
+parameter's seed (one draw from the default generator, so the stage seeds of stage_init_rng
+still decide everything) and the tile's coordinates; a rank generates the tiles that hold its
+rows (column-parallel, vocabulary) or columns (row-parallel) and nothing else. Values are the
+same as initialising the full tensor and slicing it (test_layers.py) at any tp and pp; peak
+memory is the shard plus one tile instead of the full fp32 tensor, and the work 1/tp of it.
+Other inits (zeros, ones) are made at the shard's size directly. Built under
+`torch.device("meta")` nothing is allocated.
 
 Parameter tags read by the TP-duplicate checks and the conversion code:
 `param.tensor_parallel = True` and `param.partition_dim` for split weights,
@@ -15,6 +22,7 @@ Parameter tags read by the TP-duplicate checks and the conversion code:
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 
 import torch
@@ -38,8 +46,95 @@ InitMethod = Callable[[torch.Tensor], object]  # fills the full (unsplit) tensor
 Partition = Callable[[int, int], torch.Tensor | slice]
 
 
+TILE = (64, 1024)
+# MEGATRON_EXT_FULL_INIT=1: initialise every full tensor and slice it (the same values, the
+# cost before issue 17.6; benchmarks/startup.py compares the two)
+FULL_INIT = os.environ.get("MEGATRON_EXT_FULL_INIT") == "1"
+_MASK64 = (1 << 64) - 1
+
+
+def _mix(*words: int) -> int:
+    """splitmix64 over WORDS: a 63-bit seed that differs for each tile of each parameter."""
+    x = 0
+    for w in words:
+        x = (x ^ (w & _MASK64)) + 0x9E3779B97F4A7C15 & _MASK64
+        x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & _MASK64
+        x = (x ^ (x >> 27)) * 0x94D049BB133111EB & _MASK64
+        x ^= x >> 31
+    return x >> 1
+
+
+class TiledNormal:
+    """Normal(0, std) init drawn tile by tile (see the module docstring); rows from `real_rows`
+    on (vocabulary padding) are zero. Call it on a full tensor, or `shard` for one rank's part.
+    The parameter's seed is drawn from the default generator when the parameter is made."""
+
+    def __init__(self, std: float, real_rows: int | None = None):
+        self.std, self.real_rows = std, real_rows
+
+    def with_real_rows(self, real_rows: int) -> TiledNormal:
+        rows = real_rows if self.real_rows is None else min(real_rows, self.real_rows)
+        return TiledNormal(self.std, rows)
+
+    def _tile(self, seed: int, ti: int, tj: int) -> torch.Tensor:
+        g = torch.Generator()
+        g.manual_seed(_mix(seed, ti, tj))
+        return torch.empty(TILE, dtype=torch.float32).normal_(0.0, self.std, generator=g)
+
+    def shard(self, full_shape, index: torch.Tensor | slice | None, dim: int, seed: int):
+        """The part `_take(full, index, dim)` of the full tensor, generating only its tiles."""
+        rows = full_shape[0] if full_shape else 1
+        cols = math.prod(full_shape[1:]) if len(full_shape) > 1 else 1
+        row_ids = torch.arange(rows)
+        col_ids = torch.arange(cols)
+        if index is not None:
+            taken = row_ids if dim == 0 else col_ids
+            taken = taken[index] if isinstance(index, slice) else taken[index.to(torch.long)]
+            row_ids, col_ids = (taken, col_ids) if dim == 0 else (row_ids, taken)
+        out = torch.zeros(len(row_ids), len(col_ids), dtype=torch.float32)
+        tr, tc = TILE
+        real = rows if self.real_rows is None else self.real_rows
+        col_groups = _by_tile(col_ids, tc)
+        for ti, in_rows in _by_tile(row_ids, tr):
+            if ti * tr >= real:
+                continue  # padding rows only: zero
+            local_r = row_ids[in_rows] - ti * tr
+            for tj, in_cols in col_groups:
+                block = self._tile(seed, ti, tj)[local_r][:, col_ids[in_cols] - tj * tc]
+                out[in_rows.unsqueeze(1), in_cols.unsqueeze(0)] = block
+        if real < rows:
+            out[row_ids >= real] = 0.0
+        if not full_shape:
+            return out.reshape(())
+        shape = list(full_shape)
+        if index is not None and dim == 0:
+            shape[0] = len(row_ids)
+        elif index is not None:
+            if len(full_shape) != 2 or dim != 1:
+                raise ValueError(f"a tiled shard along dim {dim} of shape {full_shape}")
+            shape[1] = len(col_ids)
+        return out.reshape(shape)
+
+    def __call__(self, full: torch.Tensor, seed: int | None = None) -> torch.Tensor:
+        seed = _draw_seed() if seed is None else seed
+        with torch.no_grad():
+            return full.copy_(self.shard(tuple(full.shape), None, 0, seed))
+
+
+def _by_tile(ids: torch.Tensor, size: int) -> list[tuple[int, torch.Tensor]]:
+    """(tile number, positions in IDS of the ids in that tile) for each tile IDS touch."""
+    tiles = ids // size
+    order = torch.argsort(tiles, stable=True)
+    numbers, counts = torch.unique_consecutive(tiles[order], return_counts=True)
+    return list(zip(numbers.tolist(), torch.split(order, counts.tolist()), strict=True))
+
+
+def _draw_seed() -> int:
+    return int(torch.randint(0, 2**62, (1,)).item())
+
+
 def normal_init(std: float) -> InitMethod:
-    return lambda t: nn.init.normal_(t, mean=0.0, std=std)
+    return TiledNormal(std)
 
 
 def scaled_normal_init(std: float, num_layers: int) -> InitMethod:
@@ -66,19 +161,34 @@ def _take(full: torch.Tensor, index: torch.Tensor | slice, dim: int) -> torch.Te
 def make_param(
     full_shape: tuple[int, ...],
     init_method: InitMethod,
-    shard: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+    index: torch.Tensor | slice | None = None,
+    dim: int = 0,
     *,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
 ) -> nn.Parameter:
-    """Initialise the full tensor (fp32, CPU), keep `shard(full)` as this rank's parameter."""
+    """This rank's part `_take(full, index, dim)` of a parameter of FULL_SHAPE (the whole
+    parameter when INDEX is None), initialised as if the full tensor were (fp32, CPU): a
+    `TiledNormal` generates only the part, zeros/ones are made at its size, any other init
+    fills the full tensor first."""
     dtype = dtype or torch.get_default_dtype()
     device = torch.device(device) if device is not None else torch.empty(0).device
+
+    def shard(t: torch.Tensor) -> torch.Tensor:
+        return t if index is None else _take(t, index, dim)
+
     if device.type == "meta":
         return nn.Parameter(shard(torch.empty(full_shape, device="meta")).to(dtype))
-    full = torch.empty(full_shape, dtype=torch.float32, device="cpu")
-    init_method(full)
-    return nn.Parameter(shard(full).to(device=device, dtype=dtype).contiguous().clone())
+    if isinstance(init_method, TiledNormal) and not FULL_INIT:
+        part = init_method.shard(full_shape, index, dim, _draw_seed())
+    elif init_method in (nn.init.zeros_, nn.init.ones_):
+        part_shape = shard(torch.empty(full_shape, device="meta")).shape
+        part = init_method(torch.empty(part_shape, dtype=torch.float32))
+    else:
+        full = torch.empty(full_shape, dtype=torch.float32, device="cpu")
+        init_method(full)
+        part = shard(full)
+    return nn.Parameter(part.to(device=device, dtype=dtype).contiguous().clone())
 
 
 def column_parallel_linear(
@@ -160,15 +270,11 @@ class ColumnParallelLinear(nn.Module):
         rows = partition(group_rank(tp_group), group_size(tp_group))
         init = init_method or normal_init(0.02)
         kw = {"device": device, "dtype": dtype}
-        self.weight = make_param(
-            (out_features, in_features), init, lambda t: _take(t, rows, 0), **kw
-        )
+        self.weight = make_param((out_features, in_features), init, rows, 0, **kw)
         self.weight.tensor_parallel, self.weight.partition_dim = True, 0
         self.bias = None
         if bias:
-            self.bias = make_param(
-                (out_features,), nn.init.zeros_, lambda t: _take(t, rows, 0), **kw
-            )
+            self.bias = make_param((out_features,), nn.init.zeros_, rows, 0, **kw)
             self.bias.tensor_parallel, self.bias.partition_dim = True, 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -207,9 +313,7 @@ class RowParallelLinear(nn.Module):
         cols = contiguous_partition(in_features)(group_rank(tp_group), group_size(tp_group))
         init = init_method or normal_init(0.02)
         kw = {"device": device, "dtype": dtype}
-        self.weight = make_param(
-            (out_features, in_features), init, lambda t: _take(t, cols, 1), **kw
-        )
+        self.weight = make_param((out_features, in_features), init, cols, 1, **kw)
         self.weight.tensor_parallel, self.weight.partition_dim = True, 1
         self.bias = None
         if bias:
@@ -254,14 +358,17 @@ class VocabParallelEmbedding(nn.Module):
         self.vocab_start, self.vocab_end = rows.start, rows.stop
         real = num_real_embeddings or num_embeddings
         init = init_method or normal_init(0.02)
+        if isinstance(init, TiledNormal):
+            init_real_rows = init.with_real_rows(real)  # padding rows stay zero
+        else:
 
-        def init_real_rows(full: torch.Tensor) -> None:
-            full.zero_()  # padding rows stay zero
-            init(full[:real])
+            def init_real_rows(full: torch.Tensor) -> None:
+                full.zero_()  # padding rows stay zero
+                init(full[:real])
 
         kw = {"device": device, "dtype": dtype}
         shape = (num_embeddings, embedding_dim)
-        self.weight = make_param(shape, init_real_rows, lambda t: _take(t, rows, 0), **kw)
+        self.weight = make_param(shape, init_real_rows, rows, 0, **kw)
         self.weight.tensor_parallel, self.weight.partition_dim = True, 0
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
