@@ -13,6 +13,10 @@ B. A resume of a model 10x the tiny preset (4 layers, hidden 176: 1.66M paramete
    (the baseline; `checkpoint.start_over=true` keeps that path while the checkpoint still
    loads) against built on meta and allocated uninitialised (the default for a resume); wall
    time of the command and the peak resident set of the largest rank (ru_maxrss).
+C. A fresh start at tp=2 (nothing to load, one step) of the 10x-tiny model and of a model with
+   BLOOM's vocabulary (its embedding is the largest weight: 1 GB in fp32): every full weight
+   initialised on each rank and sliced (MEGATRON_EXT_FULL_INIT=1, the cost before issue 17.6)
+   against each rank generating only its own shard (the default).
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ sys.path.insert(0, str(ROOT))
 from common import append_record, finnish_dataset  # noqa: E402
 
 MODEL = ["model.num_layers=4", "model.hidden_size=176", "model.num_attention_heads=4"]
+VOCAB_MODEL = ["model.num_layers=2", "model.hidden_size=1024", "model.num_attention_heads=16",
+               "model.vocab_size=250880"]  # fmt: skip
 
 
 def count_seconds(preset: str) -> tuple[float, float, int]:
@@ -57,14 +63,14 @@ def count_seconds(preset: str) -> tuple[float, float, int]:
     return real, meta, n
 
 
-def timed(cmd: list[str]) -> tuple[float, float]:
+def timed(cmd: list[str], extra_env: dict | None = None) -> tuple[float, float]:
     """Wall seconds and the peak RSS (MB) of the largest process of `cmd`, in a fresh wrapper."""
     wrapper = (
         "import resource, subprocess, sys, time; t = time.perf_counter(); "
         "subprocess.run(sys.argv[1:], check=True, capture_output=True); "
         "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
     )
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(extra_env or {})}
     out = subprocess.run([sys.executable, "-c", wrapper, *cmd], check=True, env=env,
                          capture_output=True, text=True).stdout.split()  # fmt: skip
     return float(out[0]), int(out[1]) / 1024
@@ -100,6 +106,19 @@ def main(argv: list[str] | None = None) -> int:
             cmd = [*base, f"checkpoint.dir={copy}", "train.iterations=2", *extra, *ranks]
             runs.append(timed(cmd))
         results[name] = (min(r[0] for r in runs), min(r[1] for r in runs))
+    # C. a fresh start (nothing to load): every full weight initialised then sliced (before
+    # issue 17.6) against each rank generating only its shard
+    fresh = {}
+    for label, model in (("10x tiny", MODEL), ("BLOOM vocabulary", VOCAB_MODEL)):
+        for name, extra_env in (("full init, sliced", {"MEGATRON_EXT_FULL_INIT": "1"}),
+                                ("own shard only", {})):  # fmt: skip
+            runs = []
+            for _ in range(args.repeats):
+                copy = work / "fresh"
+                shutil.rmtree(copy, ignore_errors=True)
+                cmd = [*base, *model, f"checkpoint.dir={copy}", "train.iterations=1", *ranks]
+                runs.append(timed(cmd, extra_env))
+            fresh[(label, name)] = (min(r[0] for r in runs), min(r[1] for r in runs))
     lines = [
         f"start-up, {platform.node()} ({os.cpu_count()} CPUs), best of {args.repeats}",
         "",
@@ -115,6 +134,15 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for name, (seconds, rss) in results.items():
         lines.append(f"| {name} | {seconds:.2f} | {rss:.0f} |")
+    lines += [
+        "",
+        "C. fresh start at tp=2 (2 local ranks, fp32, one step): "
+        "10x tiny; and 2 layers x hidden 1024 with BLOOM's 250,880-token vocabulary",
+        "| model | init | wall s | peak RSS of a rank, MB |",
+        "|---|---|---|---|",
+    ]
+    for (label, name), (seconds, rss) in fresh.items():
+        lines.append(f"| {label} | {name} | {seconds:.2f} | {rss:.0f} |")
     text = "\n".join(lines)
     print(text)
     if args.record:

@@ -4,15 +4,16 @@ Every combination is tried: tp dividing the devices of a node (tensor parallelis
 node, where the links are fast) and the attention heads, pp up to the number of layers, dp what
 is left of the world, micro-batch from `micro_batch_sizes`, recompute none/full (the trainer's
 `train.activation_checkpointing`). A layout is refused with its reason (does not divide, batch
-not divisible, does not fit); the accepted ones are ranked by a rough relative step time:
+not divisible, does not fit). With a device (`PlanRequest.device`, a profile's default or
+`plan --device`) the accepted ones are ranked by the predicted tokens/s of
+`megatron_ext.planner.throughput` (step time, TFLOPs, MFU, time shares per layout); without one
+(a CPU profile) by a rough relative step time:
 
     time ~ (4/3 if full recompute) x (1 + (pp - 1) / m)   pipeline bubble, m micro-batches
            x (1 + 0.03 (tp - 1))                           tensor-parallel all-reduces
            x (1 + 0.15 / micro_batch)                      small matmuls run below peak
 
-(data-parallel gradient all-reduce is taken as overlapped). The ranking is a heuristic to order
-the candidates, not a measurement; the memory estimate is the part to trust
-(`megatron_ext.planner.memory`).
+(data-parallel gradient all-reduce is taken as overlapped), a heuristic to order the candidates.
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ from dataclasses import dataclass, field
 
 from megatron_ext.errors import UserError
 from megatron_ext.models.config import ModelConfig
+from megatron_ext.planner.devices import Device, Links
 from megatron_ext.planner.memory import GiB, Layout, MemoryEstimate, estimate_memory
+from megatron_ext.planner.throughput import Prediction, predict
 
-RECOMPUTE = ("none", "full")
+RECOMPUTE = ("none", "selective", "full")
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,10 @@ class PlanRequest:
     micro_batch_sizes: tuple[int, ...] = (1, 2, 4, 8)
     attention_scores: bool = True  # attention probabilities stored (no flash attention)
     sequence_parallel: bool = False
+    device: Device | None = None  # predicts throughput (planner/throughput.py) when given
+    links: Links | None = None
+    recompute_modes: tuple[str, ...] = RECOMPUTE
+    layouts: tuple[tuple[int, int], ...] | None = None  # only these (tp, pp)
 
     @property
     def world_size(self) -> int:
@@ -56,6 +63,7 @@ class Candidate:
     fits: bool = False
     relative_time: float = float("inf")
     reasons: list[str] = field(default_factory=list)
+    prediction: Prediction | None = None
 
 
 def divisors(n: int) -> list[int]:
@@ -103,7 +111,18 @@ def evaluate(req: PlanRequest, layout: Layout) -> Candidate:
         c.reasons.append(f"needs {est.total / GiB:.1f} GiB > budget {budget:.1f} GiB")
         return c
     c.relative_time = relative_time(layout, m)
+    if req.device is not None and req.links is not None:
+        c.prediction = predict(
+            req.model, layout, req.seq_length, req.global_batch_size, req.device, req.links,
+            req.devices_per_node, req.attention_scores,
+        )  # fmt: skip
+        c.relative_time = c.prediction.step_time_s
     c.reasons.append(f"fits: {est.total / GiB:.1f} of {budget:.1f} GiB (stage {est.stage})")
+    if layout.recompute == "selective":
+        c.reasons.append(
+            f"selective recompute: activations {est.activations_no_recompute / GiB:.1f} -> "
+            f"{est.activations_selective_recompute / GiB:.1f} GiB, the attention core twice"
+        )
     if layout.recompute == "full":
         c.reasons.append(
             f"full recompute: activations {est.activations_no_recompute / GiB:.1f} -> "
@@ -122,10 +141,12 @@ def plan(req: PlanRequest) -> list[Candidate]:
     world = req.world_size
     for tp in divisors(req.devices_per_node):
         for pp in divisors(world // tp):
+            if req.layouts is not None and (tp, pp) not in req.layouts:
+                continue
             dp = world // (tp * pp)
             reason = _structural_reason(req, tp, pp)
             for mbs in req.micro_batch_sizes:
-                for rc in RECOMPUTE:
+                for rc in req.recompute_modes:
                     layout = Layout(tp, pp, dp, mbs, rc, req.sequence_parallel)
                     if reason:
                         out.append(Candidate(layout, reasons=[reason]))
@@ -136,11 +157,16 @@ def plan(req: PlanRequest) -> list[Candidate]:
 
 
 def accepted(candidates: list[Candidate]) -> list[Candidate]:
-    """Fitting layouts, without those that recompute where the same layout fits without."""
-    fits = {(c.layout.tp, c.layout.pp, c.layout.micro_batch_size) for c in candidates
-            if c.fits and c.layout.recompute == "none"}  # fmt: skip
+    """Fitting layouts, without those that recompute where the same layout fits with less
+    recomputation (none < selective < full)."""
+    cost = {"none": 0, "selective": 1, "full": 2}
+    least: dict[tuple[int, int, int], int] = {}
+    for c in candidates:
+        if c.fits:
+            key = (c.layout.tp, c.layout.pp, c.layout.micro_batch_size)
+            least[key] = min(least.get(key, 9), cost.get(c.layout.recompute, 2))
     return [
         c for c in candidates
-        if c.fits and not (c.layout.recompute == "full"
-                           and (c.layout.tp, c.layout.pp, c.layout.micro_batch_size) in fits)
+        if c.fits and cost.get(c.layout.recompute, 2)
+        == least[(c.layout.tp, c.layout.pp, c.layout.micro_batch_size)]
     ]  # fmt: skip

@@ -9,8 +9,9 @@ from pathlib import Path
 
 from megatron_ext.errors import UserError
 from megatron_ext.launch.profiles import available_profiles, load_profile
+from megatron_ext.planner.devices import DEVICES, PROFILE_DEVICE, device, links_for
 from megatron_ext.planner.memory import PRECISIONS, GiB, total_params
-from megatron_ext.planner.plan import Candidate, PlanRequest, accepted, plan
+from megatron_ext.planner.plan import RECOMPUTE, Candidate, PlanRequest, accepted, plan
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -39,6 +40,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sequence-parallel", action="store_true")
     p.add_argument("--top", type=int, default=8, help="accepted layouts to list")
     p.add_argument("--json", action="store_true", help="print every candidate as JSON")
+    p.add_argument(
+        "--device",
+        help=f"the device throughput is predicted for ({', '.join(DEVICES)}); default: the "
+        "profile's (none for a CPU profile: no prediction)",
+    )
+    p.add_argument("--layout", help="TP,PP: predict this layout only")
+    p.add_argument(
+        "--recompute", choices=("none", "selective", "full"), help="only this recompute mode"
+    )
 
 
 def _model(spec: str, seq_length: int | None):
@@ -57,13 +67,42 @@ def _candidate_dict(c: Candidate) -> dict:
     }  # fmt: skip
     if c.estimate:
         d["memory_gib"] = {k: round(v, 3) for k, v in c.estimate.as_gib().items()}
+    if c.prediction:
+        d.update(_prediction_dict(c))
     return d
+
+
+def _prediction_dict(c: Candidate) -> dict:
+    p = c.prediction
+    return {
+        "step_time_s": round(p.step_time_s, 4),
+        "tokens_per_s": round(p.tokens_per_s, 1),
+        "tflops_per_device_model": round(p.tflops_per_device_model, 2),
+        "tflops_per_device_hardware": round(p.tflops_per_device_hardware, 2),
+        "mfu": round(p.mfu, 4),
+        "bubble": round(p.bubble, 4),
+        "micro_batches": p.micro_batches,
+        "time_shares": {k: round(v, 4) for k, v in p.shares.items()},
+    }
+
+
+def _parse_layout(text: str) -> tuple[int, int]:
+    try:
+        tp, pp = (int(x) for x in text.split(","))
+    except ValueError:
+        raise UserError(f"--layout {text!r}: give TP,PP, e.g. --layout 4,12") from None
+    if tp < 1 or pp < 1:
+        raise UserError(f"--layout {text!r}: tp and pp must be at least 1")
+    return tp, pp
 
 
 def run(args: argparse.Namespace) -> int:
     profile = load_profile(args.profile)
     model = _model(args.model, args.seq_length)
     devices = args.tasks_per_node or profile.tasks_per_node
+    name = args.device or PROFILE_DEVICE.get(profile.name)
+    dev = None if name is None else device(name)
+    layout = None if args.layout is None else _parse_layout(args.layout)
     if not profile.device_memory_gb:
         raise UserError(f"{profile.path}: device_memory_gb is not set; the planner needs it")
     req = PlanRequest(
@@ -78,9 +117,15 @@ def run(args: argparse.Namespace) -> int:
         micro_batch_sizes=tuple(int(x) for x in args.micro_batch_sizes.split(",")),
         attention_scores=not args.flash_attention,
         sequence_parallel=args.sequence_parallel,
+        device=dev,
+        links=None if dev is None else links_for(profile.name, dev.name),
+        recompute_modes=(args.recompute,) if args.recompute else RECOMPUTE,
+        layouts=None if layout is None else (layout,),
     )
     candidates = plan(req)
-    good = accepted(candidates)
+    good = accepted(candidates) if layout is None else [c for c in candidates if c.fits]
+    if layout is not None:
+        return _one_layout(args, req, candidates, layout)
     if args.json:
         print(json.dumps([_candidate_dict(c) for c in candidates], indent=1))
         return 0 if good else 1
@@ -118,6 +163,8 @@ def run(args: argparse.Namespace) -> int:
     print(_breakdown(good[0]))
     for reason in good[0].reasons:
         print(f"  - {reason}")
+    if good[0].prediction is not None:
+        print(_predicted_line(good[0]))
     lay = good[0].layout
     print("  run config:")
     print(f"    parallel: {{tp: {lay.tp}, pp: {lay.pp}}}")
@@ -127,13 +174,21 @@ def run(args: argparse.Namespace) -> int:
         f"precision: {req.precision}}}"
     )
     print(f"\naccepted layouts: {len(good)} (the first {min(args.top, len(good))}, fastest first)")
-    print("   tp   pp   dp  mbs  recompute    GiB  rel.time")
+    if dev is None:
+        print("   tp   pp   dp  mbs  recompute    GiB  rel.time")
+    else:
+        print(f"predicted for {dev.name} (planner/throughput.py; within 15% of published runs)")
+        print("   tp   pp   dp  mbs  recompute    GiB   step s   tokens/s  TFLOPs hw  MFU")
     for c in good[: args.top]:
         lay = c.layout
-        print(
-            f"  {lay.tp:>3}  {lay.pp:>3}  {lay.dp:>3}  {lay.micro_batch_size:>3}  {lay.recompute:<9}"
-            f"  {c.estimate.total / GiB:>5.1f}  {c.relative_time / good[0].relative_time:>8.2f}"
-        )
+        row = (f"  {lay.tp:>3}  {lay.pp:>3}  {lay.dp:>3}  {lay.micro_batch_size:>3}  "
+               f"{lay.recompute:<9}  {c.estimate.total / GiB:>5.1f}")  # fmt: skip
+        if c.prediction is None:
+            print(f"{row}  {c.relative_time / good[0].relative_time:>8.2f}")
+        else:
+            p = c.prediction
+            print(f"{row}  {p.step_time_s:>7.2f}  {p.tokens_per_s:>9,.0f}  "
+                  f"{p.tflops_per_device_hardware:>9.1f}  {p.mfu:>4.0%}")  # fmt: skip
     refused = Counter(_kind(c.reasons[0]) for c in candidates if not c.fits)
     print("refused: " + ", ".join(f"{n} {k}" for k, n in refused.most_common()))
     return 0
@@ -165,3 +220,34 @@ def _kind(reason: str) -> str:
     if "global batch" in reason:
         return "batch not divisible"
     return "do not divide the model"
+
+
+def _one_layout(args, req: PlanRequest, candidates: list[Candidate], layout) -> int:
+    """`plan --layout TP,PP`: the layout's candidates (one per micro-batch size and recompute
+    mode given); with --json one object when there is one candidate, else a list."""
+    if not candidates:
+        raise UserError(
+            f"--layout {args.layout}: tp x pp = {layout[0] * layout[1]} does not divide the "
+            f"{req.world_size} devices, or tp exceeds the {req.devices_per_node} per node"
+        )
+    if args.json:
+        rows = [_candidate_dict(c) for c in candidates]
+        print(json.dumps(rows[0] if len(rows) == 1 else rows, indent=1))
+        return 0 if any(c.fits for c in candidates) else 1
+    for c in candidates:
+        print(_short(c) + (": fits" if c.fits else ": refused"))
+        for reason in c.reasons:
+            print(f"  - {reason}")
+        if c.prediction is not None:
+            print(_predicted_line(c))
+    return 0 if any(c.fits for c in candidates) else 1
+
+
+def _predicted_line(c: Candidate) -> str:
+    p = c.prediction
+    shares = ", ".join(f"{k.replace('_', ' ')} {v:.0%}" for k, v in p.shares.items() if v >= 0.005)
+    return (
+        f"  predicted: step {p.step_time_s:.2f} s, {p.tokens_per_s:,.0f} tokens/s, "
+        f"{p.tflops_per_device_hardware:.1f} TFLOPs per device counting recompute "
+        f"({p.tflops_per_device_model:.1f} model FLOPs), MFU {p.mfu:.0%}; time: {shares}"
+    )
