@@ -68,6 +68,11 @@ class ClusterProfile:
     signal_margin_s: int = 300
     # per-job write bandwidth of the checkpoint filesystem (GB/s): `plan` prints the save time
     filesystem_write_gb_s: float = 10.0
+    # the device `plan` predicts throughput for (planner/devices.py: a100-40gb, a100-80gb, h100,
+    # h200, mi250x-gcd) and the links between devices (nvidia, nvidia-ndr, lumi, generic);
+    # none: no prediction (CPU profiles)
+    planner_device: str | None = None
+    planner_links: str | None = None
     requeue: bool = True
     max_requeues: int = 20
     launcher: str = "torch"
@@ -188,6 +193,12 @@ def _check(p: ClusterProfile) -> None:
         raise bad("signal_margin_s", "must be 0 (no signal) or more seconds")
     if not p.filesystem_write_gb_s > 0:
         raise bad("filesystem_write_gb_s", "must be a positive bandwidth in GB/s")
+    from megatron_ext.planner.devices import DEVICES, LINKS
+
+    if p.planner_device is not None and p.planner_device not in DEVICES:
+        raise bad("planner_device", f"must be one of {', '.join(DEVICES)}")
+    if p.planner_links is not None and p.planner_links not in LINKS:
+        raise bad("planner_links", f"must be one of {', '.join(LINKS)}")
     for s in p.task_env:
         if "'" in str(s.value):
             raise bad(f"task_env.{s.name}", "values are rendered inside single quotes; drop the '")

@@ -63,9 +63,6 @@ LINKS = {
     "generic": Links("generic", 100.0, 8, 100.0, 12.5),
 }
 
-# a profile's device when --device is not given, and its links
-PROFILE_DEVICE = {"nvidia": "a100-80gb", "lumi": "mi250x-gcd", "generic": "a100-40gb"}
-
 
 def device(name: str) -> Device:
     try:
@@ -74,7 +71,8 @@ def device(name: str) -> Device:
         raise UserError(f"--device {name}: known devices are {', '.join(DEVICES)}") from None
 
 
-def links_for(profile: str, device_name: str) -> Links:
-    if profile == "nvidia" and device_name in ("h100", "h200"):
+def links_for(links: str, device_name: str) -> Links:
+    """A profile's links (`planner_links`); Hopper devices on `nvidia` get NVLink4 and NDR."""
+    if links == "nvidia" and device_name in ("h100", "h200"):
         return LINKS["nvidia-ndr"]
-    return LINKS.get(profile, LINKS["generic"])
+    return LINKS.get(links, LINKS["generic"])

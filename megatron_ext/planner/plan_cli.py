@@ -9,7 +9,7 @@ from pathlib import Path
 
 from megatron_ext.errors import UserError
 from megatron_ext.launch.profiles import available_profiles, load_profile
-from megatron_ext.planner.devices import DEVICES, PROFILE_DEVICE, device, links_for
+from megatron_ext.planner.devices import DEVICES, device, links_for
 from megatron_ext.planner.memory import PRECISIONS, GiB, total_params
 from megatron_ext.planner.plan import RECOMPUTE, Candidate, PlanRequest, accepted, plan
 
@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     profile = load_profile(args.profile)
     model = _model(args.model, args.seq_length)
     devices = args.tasks_per_node or profile.tasks_per_node
-    name = args.device or PROFILE_DEVICE.get(profile.name)
+    name = args.device or profile.planner_device
     dev = None if name is None else device(name)
     layout = None if args.layout is None else _parse_layout(args.layout)
     if not profile.device_memory_gb:
@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
         attention_scores=not args.flash_attention,
         sequence_parallel=args.sequence_parallel,
         device=dev,
-        links=None if dev is None else links_for(profile.name, dev.name),
+        links=None if dev is None else links_for(profile.planner_links or "generic", dev.name),
         recompute_modes=(args.recompute,) if args.recompute else RECOMPUTE,
         layouts=None if layout is None else (layout,),
     )

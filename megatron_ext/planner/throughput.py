@@ -40,15 +40,18 @@ from megatron_ext.training import flops
 
 # fraction of the dense bf16 peak that large transformer matmuls reach, per device family;
 # fitted (see the module docstring)
-MATMUL_EFFICIENCY = {"nvidia-ampere": 0.62, "nvidia-hopper": 0.62, "amd-cdna2": 0.46}
+MATMUL_EFFICIENCY = {
+    "nvidia-ampere": 0.62,
+    "nvidia-hopper": 0.62,
+    "amd-cdna2": 0.46,
+    "cpu": 1.0,  # its "peak" is a measured 512^3 fp32 matmul (planner/cpu_device.py)
+}
 SHAPE_D0 = 128  # a matrix dimension of SHAPE_D0 runs at half the large-matrix efficiency
 # the share of a device's inter-node bandwidth that ring collectives and pipeline send/recv
 # reach across many nodes; fitted to BLOOM-176B's ramp-up steps (global batch 16 and 192, whose
 # step times are dominated by the pipeline bubble and the data-parallel reduction)
 INTER_NODE_EFFICIENCY = 0.4
 ADAM_BYTES_PER_PARAM = 32  # fp32 master, m, v read and written, gradient read, bf16 copy out
-BF16 = 2
-GRAD_BYTES = 4
 
 
 @dataclass
@@ -82,8 +85,11 @@ def predict(
     links: Links,
     devices_per_node: int,
     attention_scores: bool = True,
+    precision: str = "bf16",
 ) -> Prediction:
     """The predicted step of LAYOUT (see the module docstring)."""
+    act = 4 if precision == "fp32" else 2  # bytes of an activation, weight or sent value
+    grad = 4  # fp32 gradients: fp32 runs, and bf16 runs accumulate in fp32 (BF16_Optimizer)
     inter = links.inter_node_gb_s * INTER_NODE_EFFICIENCY
     tp, pp, dp, b = layout.tp, layout.pp, layout.dp, layout.micro_batch_size
     m = max(1, global_batch_size // (b * dp))
@@ -101,16 +107,16 @@ def predict(
     # (replicated over tp unless sequence parallel), the activation over f / tp, and the
     # materialised attention scores (written, softmax read + written, read by probs @ v)
     sp = tp if layout.sequence_parallel else 1
-    mem_fwd = tokens * BF16 * (8 * h / sp + 2 * model.ffn_hidden_size / tp)
+    mem_fwd = tokens * act * (8 * h / sp + 2 * model.ffn_hidden_size / tp)
     if attention_scores:
-        mem_fwd += b * heads * s * s * BF16 * 4
+        mem_fwd += b * heads * s * s * act * 4
     mem_passes = passes  # the same pattern as the matrix work
     tp_links = links.tp_gb_s if tp <= links.fast_group else links.tp_wide_gb_s
-    ar = _allreduce_s(tokens * h * BF16, tp, tp_links, links.latency_intra_s)
+    ar = _allreduce_s(tokens * h * act, tp, tp_links, links.latency_intra_s)
     ar_per_block = (6 if layout.recompute in ("full", "every") else 4) * ar
     crosses = tp * dp >= devices_per_node  # the next stage's ranks are on another node
     p2p_gb_s = inter if crosses else tp_links
-    p2p = 2 * (tokens * h * BF16 / (p2p_gb_s * 1e9) + links.latency_inter_s) if pp > 1 else 0.0
+    p2p = 2 * (tokens * h * act / (p2p_gb_s * 1e9) + links.latency_inter_s) if pp > 1 else 0.0
     vocab = model.padded_vocab_size(tp)
     times = []
     parts = []
@@ -129,10 +135,10 @@ def predict(
     params = max(stage_params(model, layout, st) for st in range(pp))
     # reduce-scatter of the fp32 gradients (bf16 runs accumulate in fp32: DeepSpeed's
     # BF16_Optimizer) and all-gather of the updated bf16 weights, across nodes
-    t_dp = _allreduce_s(params * (GRAD_BYTES + BF16) / 2, dp, inter, links.latency_inter_s)
+    t_dp = _allreduce_s(params * (grad + act) / 2, dp, inter, links.latency_inter_s)
     t_tied = 0.0
     if model.tied_embeddings and pp > 1:
-        t_tied = _allreduce_s(vocab * h / tp * GRAD_BYTES, 2, inter, links.latency_inter_s)
+        t_tied = _allreduce_s(vocab * h / tp * grad, 2, inter, links.latency_inter_s)
     t_opt = params / dp * ADAM_BYTES_PER_PARAM / (dev.hbm_gb_s * 1e9)
     pipeline = (m + pp - 1) * t_stage
     step = pipeline + t_dp + t_tied + t_opt

@@ -130,6 +130,40 @@ class Measurement:
     error: float  # (estimate - measured) / measured
     baseline: int  # bytes, resident set before the model was built
     breakdown: MemoryEstimate
+    step_measured_s: float | None = None  # mean step time after the first step
+    step_predicted_s: float | None = None  # planner/throughput.py with the measured CPU device
+
+    @property
+    def step_error(self) -> float | None:
+        if self.step_measured_s is None or self.step_predicted_s is None:
+            return None
+        return self.step_predicted_s / self.step_measured_s - 1
+
+
+def measured_step_s(metrics_path: str | Path, seq_length: int) -> float:
+    """Mean step time of the steps after the first (tokens per step / tokens_per_s)."""
+    rows = [json.loads(x) for x in Path(metrics_path).read_text().splitlines() if x.strip()]
+    steps = [r["global_batch_size"] * seq_length / r["tokens_per_s"] for r in rows
+             if r["step"] > 1 and r.get("tokens_per_s")]  # fmt: skip
+    if not steps:
+        raise UserError(f"{metrics_path}: no step after the first to time; run >= 2 steps")
+    return sum(steps) / len(steps)
+
+
+def predict_for_run(cfg: dict, world_size: int, device, links) -> float:
+    """The throughput model's step time for a run config (a dict as in RUN.yaml)."""
+    import copy
+
+    from megatron_ext.config import from_dict
+    from megatron_ext.planner.throughput import predict
+    from megatron_ext.training.config import RunConfig
+
+    run = from_dict(RunConfig, copy.deepcopy(cfg), where="run config")
+    tp, pp = run.parallel.tp, run.parallel.pp
+    layout = Layout(tp, pp, world_size // (tp * pp), run.train.micro_batch_size,
+                    run.train.activation_checkpointing, run.parallel.sequence_parallel)  # fmt: skip
+    return predict(run.model, layout, run.data.seq_length, run.train.global_batch_size, device,
+                   links, world_size, precision=run.train.precision).step_time_s  # fmt: skip
 
 
 def rss_growth(metrics_path: str | Path) -> tuple[int, int]:
@@ -150,6 +184,7 @@ def measure_run(
     nproc: int = 1,
     fixed_mmap_threshold: bool = True,
     timeout: float = 600,
+    cpu: tuple | None = None,
 ) -> Measurement:
     """Train a few steps with `megatron-ext train` (fresh `work_dir`) and compare rank 0's
     measured peak with the estimate of its stage (from the run's saved, resolved config)."""
@@ -175,7 +210,11 @@ def measure_run(
     cfg = read_yaml(ckpt / tag / "config.yaml")
     est = estimate_for_run(cfg, nproc, stage=0, runtime_bytes=CPU_RUNTIME_BYTES)  # rank 0: stage 0
     _, err = within(est.total, measured)
-    return Measurement(est.total, measured, err, baseline, est)
+    out = Measurement(est.total, measured, err, baseline, est)
+    if cpu is not None:  # (Device, Links) of planner/cpu_device.measure
+        out.step_measured_s = measured_step_s(ckpt / "metrics.jsonl", cfg["data"]["seq_length"])
+        out.step_predicted_s = predict_for_run(cfg, nproc, *cpu)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -185,13 +224,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work-dir", required=True, help="fresh checkpoint dir of the run")
     p.add_argument("--nproc-per-node", type=int, default=1)
     p.add_argument("--default-malloc", action="store_true", help="keep glibc's dynamic threshold")
+    p.add_argument("--step-time", action="store_true",
+                   help="also predict the step time (CPU micro-benchmark) against the measured")  # fmt: skip
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     a = p.parse_args(argv)
+    cpu = None
+    if a.step_time:
+        from megatron_ext.planner import cpu_device
+
+        cpu = cpu_device.measure(ranks=a.nproc_per_node)
+        print(f"CPU device: {cpu[0]}; links: {cpu[1]}", file=sys.stderr)
     m = measure_run(a.config, a.data_path, a.work_dir, a.overrides, a.nproc_per_node,
-                    fixed_mmap_threshold=not a.default_malloc)  # fmt: skip
+                    fixed_mmap_threshold=not a.default_malloc, cpu=cpu)  # fmt: skip
     mib = 2**20
+    step = ""
+    if cpu is not None:
+        step = f" {m.step_predicted_s:.3f} | {m.step_measured_s:.3f} | {m.step_error:+.1%} |"
     print(f"| {' '.join(a.overrides)} | {a.nproc_per_node} | {m.estimate / mib:.0f} | "
-          f"{m.measured / mib:.0f} | {m.error:+.1%} | {m.baseline / mib:.0f} |")  # fmt: skip
+          f"{m.measured / mib:.0f} | {m.error:+.1%} | {m.baseline / mib:.0f} |{step}")  # fmt: skip
     g = {k: round(v * 1024, 1) for k, v in m.breakdown.as_gib().items()}
     print(f"estimate (MiB): {g}", file=sys.stderr)
     return 0

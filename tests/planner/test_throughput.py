@@ -10,53 +10,24 @@ from megatron_ext.cli import main
 from megatron_ext.models.presets import resolve_model_config
 from megatron_ext.planner.devices import DEVICES, LINKS
 from megatron_ext.planner.memory import Layout
+from megatron_ext.planner.published import RUNS, predicted
 from megatron_ext.planner.throughput import predict
 
 
-def _turku(layers: int, hidden: int, heads: int):
-    """TurkuNLP's LUMI scaling models: BLOOM architecture (ALiBi, embedding LayerNorm, GeLU 4h,
-    tied embeddings), GPT-2 BPE vocabulary (50,257 padded to 51,200)."""
-    return resolve_model_config({
-        "preset": "bloom-176b", "num_layers": layers, "hidden_size": hidden,
-        "num_attention_heads": heads, "ffn_hidden_size": 4 * hidden, "vocab_size": 50257,
-    })  # fmt: skip
-
-
-# (name, model, layout, global batch, device, links, published hardware TFLOPs per device)
-# All count recompute, as their stacks report it (Megatron-DeepSpeed's 24 k B s l h^2 (...)
-# formula with k = 4 under activation checkpointing).
-PUBLISHED = [
-    # BLOOM-176B on 48 nodes x 8 A100-80GB, TP=4 PP=12 DP=8, seq 2048, full recompute:
-    # bigscience-workshop/bigscience, train/tr11-176B-ml/chronicles.md ("GBS=2048 ... 149-150
-    # TFLOPs per GPU") and README.md (GBS 192 at micro-batch 1: 73 TFLOPs; GBS 16 at micro-
-    # batch 2: 15.23 s per iteration, 8.04 TFLOPs)
-    ("bloom-176b gbs 2048", "bloom-176b", (4, 12, 8, 2), 2048, "a100-80gb", "nvidia", 150.0),
-    ("bloom-176b gbs 192", "bloom-176b", (4, 12, 8, 1), 192, "a100-80gb", "nvidia", 73.0),
-    ("bloom-176b gbs 16", "bloom-176b", (4, 12, 8, 2), 16, "a100-80gb", "nvidia", 8.04),
-    # TurkuNLP Megatron-DeepSpeed on LUMI (MI250X GCDs, 8 per node), micro-batch 2, global
-    # batch 1024, seq 2048, full recompute, bf16: spyysalo/lumi-llm-scaling (commit 7314958),
-    # meg-ds/README.md means and meg-ds/pretrain_{33B_8,65B_8,175B_16}_node.sh layouts. (The
-    # figures quoted in shared/notes/field-facts.md, 71.9 / 67.6 / 65.0, are an earlier
-    # version of the same README, within 3% of these.)
-    ("33B on 8 LUMI nodes", (60, 6656, 52), (2, 4, 8, 2), 1024, "mi250x-gcd", "lumi", 72.3),
-    ("65B on 8 LUMI nodes", (80, 8192, 64), (2, 8, 4, 2), 1024, "mi250x-gcd", "lumi", 69.3),
-    ("175B on 16 LUMI nodes", (70, 14336, 112), (8, 8, 2, 2), 1024, "mi250x-gcd", "lumi", 67.0),
-]
-
-
 def _predicted(model, layout, gbs, device, links, recompute="full"):
-    model = resolve_model_config(model) if isinstance(model, str) else _turku(*model)
+    model = resolve_model_config(model)
     tp, pp, dp, mbs = layout
     return predict(model, Layout(tp, pp, dp, mbs, recompute), 2048, gbs, DEVICES[device],
                    LINKS[links], 8)  # fmt: skip
 
 
-@pytest.mark.parametrize("name,model,layout,gbs,device,links,published", PUBLISHED,
-                         ids=[p[0] for p in PUBLISHED])  # fmt: skip
-def test_published_runs_within_15_percent(name, model, layout, gbs, device, links, published):
-    p = _predicted(model, layout, gbs, device, links)
-    error = p.tflops_per_device_hardware / published - 1
-    assert abs(error) < 0.15, (name, round(p.tflops_per_device_hardware, 1), published)
+@pytest.mark.parametrize("run", RUNS, ids=[r.name for r in RUNS])
+def test_published_runs_within_15_percent(run):
+    """Each published run (sources in megatron_ext/planner/published.py) within 15% on
+    TFLOPs per device in its own convention (hardware FLOPs, recompute counted)."""
+    p = predicted(run)
+    error = p.tflops_per_device_hardware / run.tflops - 1
+    assert abs(error) < 0.15, (run.name, round(p.tflops_per_device_hardware, 1), run.tflops)
     assert p.tflops_per_device_model < p.tflops_per_device_hardware  # recompute counted once
     assert abs(sum(p.shares.values()) - 1) < 0.02  # the shares account for the step
 
