@@ -17,6 +17,8 @@ C. A fresh start at tp=2 (nothing to load, one step) of the 10x-tiny model and o
    BLOOM's vocabulary (its embedding is the largest weight: 1 GB in fp32): every full weight
    initialised on each rank and sliced (MEGATRON_EXT_FULL_INIT=1, the cost before issue 17.6)
    against each rank generating only its own shard (the default).
+D. The largest single weight a rank initialises, alone: one tp=4 shard of BLOOM-7B1's
+   embedding (250,880 x 4096, 4.1 GB in fp32), full init then slice against shard only.
 """
 
 from __future__ import annotations
@@ -74,6 +76,29 @@ def timed(cmd: list[str], extra_env: dict | None = None) -> tuple[float, float]:
     out = subprocess.run([sys.executable, "-c", wrapper, *cmd], check=True, env=env,
                          capture_output=True, text=True).stdout.split()  # fmt: skip
     return float(out[0]), int(out[1]) / 1024
+
+
+EMBEDDING = """
+import resource, sys, time, torch
+from megatron_ext.parallel.tensor_parallel.layers import TiledNormal, make_param
+rows, cols, tp = 250880, 4096, 4
+torch.manual_seed(0)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t0 = time.perf_counter()
+p = make_param((rows, cols), TiledNormal(0.02, real_rows=250680), slice(0, rows // tp), 0)
+seconds = time.perf_counter() - t0
+print(seconds, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+"""
+
+
+def embedding_shard(full_init: bool) -> tuple[float, float]:
+    """Seconds and RSS growth (MB) to make one TP rank's shard (tp=4) of BLOOM-7B1's 250,880 x
+    4096 embedding (4.1 GB in fp32), in a fresh process."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
+           "MEGATRON_EXT_FULL_INIT": "1" if full_init else "0"}  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", EMBEDDING], env=env, check=True,
+                         capture_output=True, text=True).stdout.split()  # fmt: skip
+    return float(out[0]), float(out[1])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,6 +159,16 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for name, (seconds, rss) in results.items():
         lines.append(f"| {name} | {seconds:.2f} | {rss:.0f} |")
+    lines += [
+        "",
+        "D. one TP rank's shard (tp=4) of BLOOM-7B1's 250,880 x 4096 embedding, fresh process:",
+        "| init | s | RSS growth, MB |",
+        "|---|---|---|",
+    ]
+    for name, full in (("full init, sliced", True), ("own shard only", False)):
+        seconds, mb = min((embedding_shard(full) for _ in range(args.repeats)),
+                          key=lambda r: r[0])  # fmt: skip
+        lines.append(f"| {name} | {seconds:.2f} | {mb:.0f} |")
     lines += [
         "",
         "C. fresh start at tp=2 (2 local ranks, fp32, one step): "

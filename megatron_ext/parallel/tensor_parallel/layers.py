@@ -187,8 +187,10 @@ def make_param(
     else:
         full = torch.empty(full_shape, dtype=torch.float32, device="cpu")
         init_method(full)
-        part = shard(full)
-    return nn.Parameter(part.to(device=device, dtype=dtype).contiguous().clone())
+        # a view of the full tensor: copied out, so that the full tensor can be freed
+        return nn.Parameter(shard(full).to(device=device, dtype=dtype).contiguous().clone())
+    # a tensor of its own already: no second copy (at 176B one shard is gigabytes)
+    return nn.Parameter(part.to(device=device, dtype=dtype))
 
 
 def column_parallel_linear(
