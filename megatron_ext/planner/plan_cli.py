@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     candidates = plan(req)
     good = accepted(candidates) if layout is None else [c for c in candidates if c.fits]
     if layout is not None:
-        return _one_layout(args, req, candidates, layout)
+        return _one_layout(args, req, candidates, layout, profile)
     if args.json:
         print(json.dumps([_candidate_dict(c) for c in candidates], indent=1))
         return 0 if good else 1
@@ -222,18 +222,26 @@ def _kind(reason: str) -> str:
     return "do not divide the model"
 
 
-def _one_layout(args, req: PlanRequest, candidates: list[Candidate], layout) -> int:
+def _one_layout(args, req: PlanRequest, candidates: list[Candidate], layout, profile) -> int:
     """`plan --layout TP,PP`: the layout's candidates (one per micro-batch size and recompute
-    mode given); with --json one object when there is one candidate, else a list."""
+    mode given), with the checkpoint's save time at the profile's filesystem bandwidth; with
+    --json one object when there is one candidate, else a list."""
+    from megatron_ext.planner import checkpoint_io
+
+    nbytes = checkpoint_io.checkpoint_bytes(req.model, layout[0], req.precision)
+    save_s = nbytes / 1e9 / profile.filesystem_write_gb_s
     if not candidates:
         raise UserError(
             f"--layout {args.layout}: tp x pp = {layout[0] * layout[1]} does not divide the "
             f"{req.world_size} devices, or tp exceeds the {req.devices_per_node} per node"
         )
     if args.json:
-        rows = [_candidate_dict(c) for c in candidates]
+        rows = [{**_candidate_dict(c), "checkpoint_gb": round(nbytes / 1e9, 1),
+                 "checkpoint_save_s": round(save_s, 1)} for c in candidates]  # fmt: skip
         print(json.dumps(rows[0] if len(rows) == 1 else rows, indent=1))
         return 0 if any(c.fits for c in candidates) else 1
+    print(f"checkpoint: {nbytes / 1e9:,.1f} GB, a save ~{save_s:,.0f} s at "
+          f"{profile.filesystem_write_gb_s:g} GB/s ({profile.name})")  # fmt: skip
     for c in candidates:
         print(_short(c) + (": fits" if c.fits else ": refused"))
         for reason in c.reasons:

@@ -58,6 +58,9 @@ def test_plan_layout_json_is_one_prediction(capsys):
         assert out[key] > 0
     assert abs(out["tflops_per_device_hardware"] / 150 - 1) < 0.15
     assert out["micro_batches"] == 128 and 0.05 < out["bubble"] < 0.1
+    assert out["checkpoint_gb"] == 2467.5 and out["checkpoint_save_s"] == pytest.approx(
+        246.75, abs=0.1
+    )  # 10 GB/s
 
 
 def test_bloom_layout_ranks_in_the_top_three_of_its_recompute_modes(capsys):
