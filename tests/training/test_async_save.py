@@ -195,3 +195,19 @@ def test_a_failed_background_write_stops_the_run_naming_it(fi_dataset, tmp_path)
     assert "not published" in proc.stderr
     assert time.monotonic() - started < 120  # not checkpoint.save_timeout_s (an hour)
     assert not (ckpt / "latest").exists() and not (ckpt / "iter_0000002").exists()
+
+
+@pytest.mark.gpu
+def test_snapshot_of_gpu_tensors_lands_in_pinned_host_memory():
+    """The device path of the snapshot: CUDA tensors are copied (non-blocking) into pinned host
+    buffers, synchronised before the writer reads them, and reused by the next save."""
+    weight = torch.randn(1024, 1024, device="cuda")
+    before = weight.cpu()
+    buffers = HostBuffers()
+    snap = snapshot({"w": weight, "step": torch.tensor(3, device="cuda")}, buffers, "f.pt")
+    weight.add_(1.0)  # the next step, queued behind the copy on the same stream
+    assert snap["w"].device.type == "cpu" and snap["w"].is_pinned()
+    assert torch.equal(snap["w"], before)
+    again = snapshot({"w": weight, "step": torch.tensor(4, device="cuda")}, buffers, "f.pt")
+    assert again["w"].data_ptr() == snap["w"].data_ptr()
+    assert torch.equal(again["w"], weight.cpu()) and int(again["step"]) == 4
