@@ -9,8 +9,10 @@ Device: dense bf16 peak (no sparsity), HBM bandwidth, memory, from the vendors' 
 
 Links, per device and direction (what one rank can push while its peers do the same):
 - nvidia: NVLink3 through NVSwitch on A100 nodes, 600 GB/s bidirectional = 300 per direction
-  (H100/H200 NVLink4: 450); InfiniBand HDR 200 Gb/s, one NIC per GPU = 25 GB/s (DGX A100,
-  BLOOM's Jean Zay nodes: 4 NICs per 8 GPUs = 12.5; NDR 400 Gb/s = 50).
+  (H100/H200 NVLink4: 450); InfiniBand HDR 200 Gb/s, one NIC per GPU = 25 GB/s (DGX/HGX A100;
+  NDR 400 Gb/s = 50 on H100/H200 nodes).
+- jean-zay: the A100 nodes BLOOM-176B trained on (the BLOOM paper, "Infrastructure"): 4 Omni-
+  Path 100 Gb/s links per node of 8 GPUs = 6.25 GB/s per GPU; used by the published-run checks.
 - lumi: the two GCDs of one MI250X share 4 Infinity Fabric links, 200 GB/s per direction; GCDs
   of different packages 1-2 links, 50-100 GB/s; Slingshot-11, 4 x 200 Gb/s NICs per node of 8
   GCDs = 12.5 GB/s per GCD (LUMI documentation, "LUMI-G hardware").
@@ -57,7 +59,8 @@ class Links:
 
 
 LINKS = {
-    "nvidia": Links("nvidia", 300.0, 8, 300.0, 12.5),  # A100 NVSwitch; HDR, 4 NICs / 8 GPUs
+    "nvidia": Links("nvidia", 300.0, 8, 300.0, 25.0),  # A100 NVSwitch; HDR, a NIC per GPU
+    "jean-zay": Links("jean-zay", 300.0, 8, 300.0, 6.25),  # 4 x Omni-Path 100 Gb/s per node
     "nvidia-ndr": Links("nvidia-ndr", 450.0, 8, 450.0, 50.0),  # H100/H200, NDR per GPU
     "lumi": Links("lumi", 200.0, 2, 50.0, 12.5),
     "generic": Links("generic", 100.0, 8, 100.0, 12.5),

@@ -114,7 +114,7 @@ def evaluate(req: PlanRequest, layout: Layout) -> Candidate:
     if req.device is not None and req.links is not None:
         c.prediction = predict(
             req.model, layout, req.seq_length, req.global_batch_size, req.device, req.links,
-            req.devices_per_node, req.attention_scores,
+            req.devices_per_node, req.attention_scores, req.precision,
         )  # fmt: skip
         c.relative_time = c.prediction.step_time_s
     c.reasons.append(f"fits: {est.total / GiB:.1f} of {budget:.1f} GiB (stage {est.stage})")

@@ -13,6 +13,8 @@ from megatron_ext.planner.devices import DEVICES, device, links_for
 from megatron_ext.planner.memory import PRECISIONS, GiB, total_params
 from megatron_ext.planner.plan import RECOMPUTE, Candidate, PlanRequest, accepted, plan
 
+TIE = 0.05  # predicted step times this close are not told apart (planner/throughput.py's error)
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model preset (e.g. bloom-176b) or a YAML file")
@@ -177,8 +179,14 @@ def run(args: argparse.Namespace) -> int:
     if dev is None:
         print("   tp   pp   dp  mbs  recompute    GiB  rel.time")
     else:
-        print(f"predicted for {dev.name} (planner/throughput.py; within 15% of published runs)")
-        print("   tp   pp   dp  mbs  recompute    GiB   step s   tokens/s  TFLOPs hw  MFU")
+        checked = (
+            "checked against published runs"
+            if dev.family in ("nvidia-ampere", "amd-cdna2")
+            else ("its matmul share assumed from A100: not checked against a published run")
+        )
+        print(f"predicted for {dev.name} (planner/throughput.py; {checked})")  # fmt: skip
+        print("   tp   pp   dp  mbs  recompute    GiB   step s   tokens/s  TFLOPs hw  MFU  "
+              "bubble  comm")  # fmt: skip
     for c in good[: args.top]:
         lay = c.layout
         row = (f"  {lay.tp:>3}  {lay.pp:>3}  {lay.dp:>3}  {lay.micro_batch_size:>3}  "
@@ -187,8 +195,16 @@ def run(args: argparse.Namespace) -> int:
             print(f"{row}  {c.relative_time / good[0].relative_time:>8.2f}")
         else:
             p = c.prediction
+            comm = sum(v for k, v in p.shares.items() if k.endswith("communication"))
             print(f"{row}  {p.step_time_s:>7.2f}  {p.tokens_per_s:>9,.0f}  "
-                  f"{p.tflops_per_device_hardware:>9.1f}  {p.mfu:>4.0%}")  # fmt: skip
+                  f"{p.tflops_per_device_hardware:>9.1f}  {p.mfu:>4.0%}  {p.shares['bubble']:>6.0%}"
+                  f"  {comm:>4.0%}")  # fmt: skip
+    if dev is not None:
+        best = good[0].prediction.step_time_s
+        close = [c for c in good if c.prediction.step_time_s <= best * (1 + TIE)]
+        print(f"{len(close)} layout(s) within {TIE:.0%} of the fastest: ties within the model's "
+              "error (up to 10% on published runs); the bubble and comm columns show where the "
+              "others lose time")  # fmt: skip
     refused = Counter(_kind(c.reasons[0]) for c in candidates if not c.fits)
     print("refused: " + ", ".join(f"{n} {k}" for k, n in refused.most_common()))
     return 0
@@ -231,10 +247,12 @@ def _one_layout(args, req: PlanRequest, candidates: list[Candidate], layout, pro
     nbytes = checkpoint_io.checkpoint_bytes(req.model, layout[0], req.precision)
     save_s = nbytes / 1e9 / profile.filesystem_write_gb_s
     if not candidates:
-        raise UserError(
-            f"--layout {args.layout}: tp x pp = {layout[0] * layout[1]} does not divide the "
-            f"{req.world_size} devices, or tp exceeds the {req.devices_per_node} per node"
-        )
+        tp, pp = layout
+        if req.devices_per_node % tp:
+            why = f"tp={tp} does not divide the {req.devices_per_node} devices of a node"
+        else:
+            why = f"tp x pp = {tp * pp} does not divide the {req.world_size} devices"
+        raise UserError(f"--layout {args.layout}: {why} (tensor parallelism stays in a node)")
     if args.json:
         rows = [{**_candidate_dict(c), "checkpoint_gb": round(nbytes / 1e9, 1),
                  "checkpoint_save_s": round(save_s, 1)} for c in candidates]  # fmt: skip

@@ -43,12 +43,12 @@ LUMI = ("spyysalo/lumi-llm-scaling (commit 7314958) meg-ds/README.md means and "
         "71.9 / 67.6 / 65.0, within 3%)")  # fmt: skip
 
 RUNS = [
-    PublishedRun("BLOOM-176B, GBS 2048", "bloom-176b", (4, 12, 8, 2), 2048, "a100-80gb", "nvidia",
-                 150.0, BLOOM),
+    PublishedRun("BLOOM-176B, GBS 2048", "bloom-176b", (4, 12, 8, 2), 2048, "a100-80gb",
+                 "jean-zay", 150.0, BLOOM),
     PublishedRun("BLOOM-176B, GBS 192 (ramp-up)", "bloom-176b", (4, 12, 8, 1), 192, "a100-80gb",
-                 "nvidia", 73.0, BLOOM),
+                 "jean-zay", 73.0, BLOOM),
     PublishedRun("BLOOM-176B, GBS 16 (ramp-up)", "bloom-176b", (4, 12, 8, 2), 16, "a100-80gb",
-                 "nvidia", 8.04, BLOOM),
+                 "jean-zay", 8.04, BLOOM),
     PublishedRun("33B on 8 LUMI nodes", (60, 6656, 52), (2, 4, 8, 2), 1024, "mi250x-gcd", "lumi",
                  72.3, LUMI),
     PublishedRun("65B on 8 LUMI nodes", (80, 8192, 64), (2, 8, 4, 2), 1024, "mi250x-gcd", "lumi",

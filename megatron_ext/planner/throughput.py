@@ -15,9 +15,9 @@ t_stage, one micro-batch through the slowest stage (forward and backward), sums 
   b s h bf16 values: 2 (tp - 1) / tp x bytes / link + latency (the fast links inside a
   package/NVSwitch, `planner/devices.py`);
 - pipeline send/recv of b s h bf16 values forward and backward across nodes.
-t_dp: ZeRO-1's reduce-scatter of the fp32 gradients and all-gather of the bf16 weights after
-the last micro-batch (DeepSpeed's pipeline does not overlap them): (dp - 1) / dp x 6 bytes per
-parameter of the stage over the inter-node link. t_tied: the tied embedding's gradient all-reduce (first and last
+t_dp: DeepSpeed's gradient all-reduce and ZeRO-1's all-gather of the updated weights after the
+last micro-batch (the pipeline engine does not overlap them): about 2 (dp - 1) / dp x 6 bytes
+per parameter of the stage over the inter-node link. t_tied: the tied embedding's gradient all-reduce (first and last
 stage). t_optimizer: Adam over the rank's fp32 shard, ~32 bytes per parameter over HBM.
 
 TFLOPs per device: model FLOPs (no recompute) and hardware FLOPs (with it, as Megatron and the
@@ -50,7 +50,7 @@ SHAPE_D0 = 128  # a matrix dimension of SHAPE_D0 runs at half the large-matrix e
 # the share of a device's inter-node bandwidth that ring collectives and pipeline send/recv
 # reach across many nodes; fitted to BLOOM-176B's ramp-up steps (global batch 16 and 192, whose
 # step times are dominated by the pipeline bubble and the data-parallel reduction)
-INTER_NODE_EFFICIENCY = 0.4
+INTER_NODE_EFFICIENCY = 0.8
 ADAM_BYTES_PER_PARAM = 32  # fp32 master, m, v read and written, gradient read, bf16 copy out
 
 
@@ -61,7 +61,7 @@ class Prediction:
     tflops_per_device_model: float
     tflops_per_device_hardware: float
     mfu: float
-    bubble: float  # (pp - 1) / (m + pp - 1): the share of the step the pipeline idles
+    bubble: float  # (pp - 1) t_stage / step: the share of the step the pipeline idles
     shares: dict  # compute, memory-bound, TP communication, PP communication, bubble, DP,
     # optimizer: fractions of the step time
     micro_batches: int
@@ -99,7 +99,7 @@ def predict(
     smallest = min(tokens, h // tp)
     eff = MATMUL_EFFICIENCY[dev.family] * smallest / (smallest + SHAPE_D0)
     block_fwd = flops.block_forward_flops(model, s) * tokens / tp
-    core_fwd = 2 * 2 * s * model.num_attention_heads * model.head_dim * tokens / tp
+    core_fwd = flops.attention_core_flops(model, s) * tokens / tp
     passes = {"none": 3.0, "selective": 3.0, "full": 4.0}.get(layout.recompute, 4.0)
     extra_core = core_fwd if layout.recompute == "selective" else 0.0
     heads = model.num_attention_heads // tp
@@ -110,7 +110,11 @@ def predict(
     mem_fwd = tokens * act * (8 * h / sp + 2 * model.ffn_hidden_size / tp)
     if attention_scores:
         mem_fwd += b * heads * s * s * act * 4
-    mem_passes = passes  # the same pattern as the matrix work
+    mem_passes = passes  # the same pattern as the matrix work (selective: + the scores again)
+    if layout.recompute == "selective" and attention_scores:
+        mem_passes_extra = b * heads * s * s * act * 4
+    else:
+        mem_passes_extra = 0.0
     tp_links = links.tp_gb_s if tp <= links.fast_group else links.tp_wide_gb_s
     ar = _allreduce_s(tokens * h * act, tp, tp_links, links.latency_intra_s)
     ar_per_block = (6 if layout.recompute in ("full", "every") else 4) * ar
@@ -122,7 +126,7 @@ def predict(
     parts = []
     for stage, n_layers in enumerate(stage_layers(model.num_layers, pp)):
         compute = n_layers * (passes * block_fwd + extra_core) / (peak * eff)
-        memory = n_layers * mem_passes * mem_fwd / (dev.hbm_gb_s * 1e9)
+        memory = n_layers * (mem_passes * mem_fwd + mem_passes_extra) / (dev.hbm_gb_s * 1e9)
         if stage == pp - 1:  # logits and cross entropy
             compute += 3 * 2 * h * vocab / tp * tokens / (peak * eff)
             memory += 3 * tokens * vocab / tp * 4 * 3 / (dev.hbm_gb_s * 1e9)
@@ -133,8 +137,9 @@ def predict(
     slowest = max(range(pp), key=lambda i: times[i])
     t_stage = times[slowest]
     params = max(stage_params(model, layout, st) for st in range(pp))
-    # reduce-scatter of the fp32 gradients (bf16 runs accumulate in fp32: DeepSpeed's
-    # BF16_Optimizer) and all-gather of the updated bf16 weights, across nodes
+    # DeepSpeed's pipeline engine all-reduces the gradients (buffered_allreduce_fallback, cast
+    # to the communication dtype) and ZeRO-1 all-gathers the updated weights, across nodes:
+    # (grad + act) / 2 bytes per parameter in all-reduce terms
     t_dp = _allreduce_s(params * (grad + act) / 2, dp, inter, links.latency_inter_s)
     t_tied = 0.0
     if model.tied_embeddings and pp > 1:

@@ -14,7 +14,8 @@ Backward costs twice the forward, so
     model FLOPs per token    = 3 · (L · block + logits)                      (no recompute)
     hardware FLOPs per token = model + L · block when activations are recomputed
                                (train.activation_checkpointing full or every: DeepSpeed
-                               recomputes every block once in backward; Megatron's convention)
+                               recomputes every block once in backward; Megatron's convention),
+                               model + L · attention core under selective recompute
 
 For a BLOOM-style block without GQA this is Megatron's 72 L h² (1 + s/(6h)) + 6 V h, and close
 to the common 6 N + 12 L h s. TFLOPs per device = FLOPs per token · tokens per step / step
@@ -51,11 +52,20 @@ def model_flops_per_token(model: ModelConfig, seq_length: int) -> float:
     return 3.0 * (model.num_layers * block_forward_flops(model, seq_length) + logits)
 
 
+def attention_core_flops(model: ModelConfig, seq_length: int) -> float:
+    """Matrix FLOPs of the attention core (q kᵀ and probs · v) of one block, per token."""
+    return float(2 * 2 * seq_length * model.num_attention_heads * model.head_dim)
+
+
 def hardware_flops_per_token(model: ModelConfig, seq_length: int, recompute: str) -> float:
-    """Training FLOPs per token including recomputation (`train.activation_checkpointing`)."""
-    extra = (
-        0.0 if recompute == "none" else model.num_layers * block_forward_flops(model, seq_length)
-    )
+    """Training FLOPs per token including recomputation (`train.activation_checkpointing`):
+    full/every recompute each block's forward once more, selective only its attention core."""
+    if recompute == "none":
+        extra = 0.0
+    elif recompute == "selective":
+        extra = model.num_layers * attention_core_flops(model, seq_length)
+    else:
+        extra = model.num_layers * block_forward_flops(model, seq_length)
     return model_flops_per_token(model, seq_length) + extra
 
 

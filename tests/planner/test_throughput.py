@@ -46,6 +46,16 @@ def test_the_model_behaves_like_the_machines():
     assert none.tflops_per_device_model == pytest.approx(full.tflops_per_device_model, rel=0.4)
 
 
+def test_the_precision_reaches_the_prediction():
+    """fp32 moves twice the bytes of bf16 (activations, TP and pipeline traffic, weights)."""
+    model = resolve_model_config("bloom-176b")
+    layout = Layout(4, 12, 8, 2, "full")
+    bf16, fp32 = (predict(model, layout, 2048, 2048, DEVICES["a100-80gb"], LINKS["nvidia"], 8,
+                          precision=p) for p in ("bf16", "fp32"))  # fmt: skip
+    assert fp32.step_time_s > bf16.step_time_s * 1.05
+    assert fp32.shares["tp_communication"] > bf16.shares["tp_communication"]
+
+
 def test_plan_layout_json_is_one_prediction(capsys):
     rc = main(["plan", "--model", "bloom-176b", "--profile", "nvidia", "--nodes", "48",
                "--global-batch", "2048", "--layout", "4,12", "--micro-batch-sizes", "2",
@@ -63,17 +73,26 @@ def test_plan_layout_json_is_one_prediction(capsys):
     )  # 10 GB/s
 
 
-def test_bloom_layout_ranks_in_the_top_three_of_its_recompute_modes(capsys):
-    """With the recompute BLOOM's stack had (full), its layout is among the three fastest; with
-    selective recompute allowed the proposal keeps BLOOM's tp/pp/dp and recomputes less."""
+def test_bloom_layout_is_a_tie_with_the_proposal_and_the_output_says_why(capsys):
+    """With BLOOM's recompute (full), BLOOM's own layout (4,12,8, micro-batch 2) is predicted
+    within 5% of the fastest: a tie within the model's error, and listed as such; the columns
+    show what separates them (the proposal halves the bubble with more micro-batches). With
+    every recompute mode allowed, the proposal recomputes less than BLOOM did."""
     base = ["plan", "--model", "bloom-176b", "--profile", "nvidia", "--nodes", "48",
-            "--global-batch", "2048", "--top", "3"]  # fmt: skip
+            "--global-batch", "2048", "--top", "8"]  # fmt: skip
     assert main([*base, "--recompute", "full"]) == 0
-    rows = [line.split()[:5] for line in capsys.readouterr().out.splitlines()]
-    assert ["4", "12", "8", "2", "full"] in rows
+    out = capsys.readouterr().out
+    rows = {tuple(line.split()[:5]): line.split() for line in out.splitlines()}
+    bloom = rows[("4", "12", "8", "2", "full")]
+    table = [r for r in rows.values() if len(r) == 12 and r[0].isdigit()]
+    best = table[0]
+    assert float(bloom[6]) <= 1.05 * float(best[6])  # step seconds: a tie
+    assert float(best[10].rstrip("%")) <= float(bloom[10].rstrip("%"))  # less bubble
+    ties = int(out.split(" layout(s) within 5% of the fastest")[0].split()[-1])
+    assert ties >= table.index(bloom) + 1
     assert main(base) == 0
     out = capsys.readouterr().out
-    assert "proposed: tp=4 pp=12 dp=8" in out and "checkpointing selective" in out
+    assert "checkpointing full" not in out.split("proposed: ")[1].splitlines()[0]
     assert "predicted: step" in out and "time: compute" in out
 
 
@@ -82,7 +101,8 @@ def test_bloom_layout_ranks_in_the_top_three_of_its_recompute_modes(capsys):
     [
         (["--layout", "4"], "give TP,PP"),
         (["--layout", "0,2"], "at least 1"),
-        (["--layout", "5,1"], "does not divide the 384 devices"),
+        (["--layout", "5,1"], "tp=5 does not divide the 8 devices of a node"),
+        (["--layout", "8,7"], "tp x pp = 56 does not divide the 384 devices"),
         (["--device", "tpu-v5"], "known devices are a100-40gb"),
     ],
 )

@@ -20,6 +20,11 @@ def test_bloom_flops_equal_megatrons_formula():
     hw = 96 * L * h**2 * (1 + s / (6 * h)) + 6 * V * h
     assert flops.hardware_flops_per_token(m, s, "full") == pytest.approx(hw, rel=1e-12)
     assert flops.hardware_flops_per_token(m, s, "none") == flops.model_flops_per_token(m, s)
+    # selective recompute repeats only the attention core: between none and full
+    sel = flops.hardware_flops_per_token(m, s, "selective")
+    core = m.num_layers * 4 * s * m.num_attention_heads * m.head_dim
+    assert sel == pytest.approx(flops.model_flops_per_token(m, s) + core, rel=1e-12)
+    assert flops.model_flops_per_token(m, s) < sel < flops.hardware_flops_per_token(m, s, "full")
 
 
 def test_gqa_and_swiglu_count_their_own_matrices():
