@@ -36,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import append_record, finnish_dataset  # noqa: E402
+from common import finish, finnish_dataset  # noqa: E402
 
 STALL = re.compile(r"training stalled ([0-9.]+) s for the save of iter_(\d+)")
 LAST_WAIT = re.compile(r"waited ([0-9.]+) s for the last background write")
@@ -152,10 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         f"torch.distributed.checkpoint.async_save of {sync[2] / 1e9:.2f} GB (16 fp32 tensors): "
         f"returns after {dcp_return:.3f} s, written after {dcp_done:.3f} s",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if args.record:
-        append_record(args.record, "async_save.py", sys.argv[1:] if argv is None else argv, text)
+    finish(lines, "async_save.py", args.record, argv)
     shutil.rmtree(work, ignore_errors=True)
     return 0
 

@@ -27,3 +27,13 @@ def append_record(path: str, script: str, argv: list[str], text: str) -> None:
     with open(path, "a") as f:
         f.write(f"\n{time.strftime('%Y-%m-%d')}: `python benchmarks/{script} {' '.join(argv)}`"
                 f"\n\n{text}\n")  # fmt: skip
+
+
+def finish(lines: list[str], script: str, record: str | None, argv: list[str] | None) -> None:
+    """Print the result LINES and, with --record, append them under the command that made them."""
+    import sys
+
+    text = "\n".join(lines)
+    print(text)
+    if record:
+        append_record(record, script, sys.argv[1:] if argv is None else argv, text)

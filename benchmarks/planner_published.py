@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import append_record  # noqa: E402
+from common import finish  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,11 +44,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{err:+.1%} | {pred.step_time_s:.1f} | {top} |"
         )
     lines += ["", "Sources:"] + sorted({f"- {r.source}" for r in RUNS})
-    text = "\n".join(lines)
-    print(text)
-    if args.record:
-        append_record(args.record, "planner_published.py", sys.argv[1:] if argv is None else argv,
-                      text)  # fmt: skip
+    finish(lines, "planner_published.py", args.record, argv)
     return 0
 
 

@@ -36,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import append_record, finnish_dataset  # noqa: E402
+from common import finish, finnish_dataset  # noqa: E402
 
 MODEL = ["model.num_layers=4", "model.hidden_size=176", "model.num_attention_heads=4"]
 VOCAB_MODEL = ["model.num_layers=2", "model.hidden_size=1024", "model.num_attention_heads=16",
@@ -178,10 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for (label, name), (seconds, rss) in fresh.items():
         lines.append(f"| {label} | {name} | {seconds:.2f} | {rss:.0f} |")
-    text = "\n".join(lines)
-    print(text)
-    if args.record:
-        append_record(args.record, "startup.py", sys.argv[1:] if argv is None else argv, text)
+    finish(lines, "startup.py", args.record, argv)
     shutil.rmtree(work, ignore_errors=True)
     return 0
 

@@ -16,6 +16,7 @@ complete checkpoint with a warning naming the file, never loading garbage or run
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -105,15 +106,21 @@ def save(engine, root: str, iteration: int, client_state: dict, run_config, keep
     critical path (`wait_for_rotation` joins it). With checkpoint.async_save the files are
     written in the background (training/async_checkpoint.py): the checkpoint becomes `latest`
     later, when every rank's part is on disk; `finish_saves` waits for that."""
-    timeouts = (run_config.checkpoint.save_timeout_s, run_config.train.collective_timeout_s)
-    distributed.set_group_timeouts(timeouts[0])
-    try:
+    with _save_timeouts(run_config):
         _wait_for_previous(engine)
         if run_config.checkpoint.async_save:
             return _save_async(engine, root, iteration, client_state, run_config, keep)
         return _save(engine, root, iteration, client_state, run_config, keep)
+
+
+@contextlib.contextmanager
+def _save_timeouts(run_config):
+    """Collectives under checkpoint.save_timeout_s, then back to train.collective_timeout_s."""
+    distributed.set_group_timeouts(run_config.checkpoint.save_timeout_s)
+    try:
+        yield
     finally:
-        distributed.set_group_timeouts(timeouts[1])
+        distributed.set_group_timeouts(run_config.train.collective_timeout_s)
 
 
 def _start_tmp(root_p: Path, tag: str) -> Path:
@@ -283,12 +290,8 @@ def _join_finaliser() -> None:
 def finish_saves(engine, run_config) -> None:
     """Wait for an asynchronous save in flight to be written and published (collective): at the
     end of a run and before a stop exits. Raises UserError on every rank if it failed."""
-    timeouts = (run_config.checkpoint.save_timeout_s, run_config.train.collective_timeout_s)
-    distributed.set_group_timeouts(timeouts[0])
-    try:
+    with _save_timeouts(run_config):
         _wait_for_previous(engine)
-    finally:
-        distributed.set_group_timeouts(timeouts[1])
 
 
 def take_completed() -> list[int]:

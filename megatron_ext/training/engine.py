@@ -289,22 +289,28 @@ def keeping_meta():
         _KEEP_META = False
 
 
+def build_grid(cfg: RunConfig):
+    """DeepSpeed's pipeline grid (its tp/pp/dp groups, made once) and our ParallelContext over
+    the same groups (collective); returns (topology, grid, ctx)."""
+    from deepspeed.runtime.pipe.topology import PipelineParallelGrid, PipeModelDataParallelTopology
+
+    tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    dp = cfg.data_parallel_size(dist.get_world_size())
+    topology = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp)
+    grid = PipelineParallelGrid(topology=topology)
+    ctx = ParallelContext.from_sizes(
+        tp, pp, dp, sequence_parallel=cfg.parallel.sequence_parallel, existing=grid_groups(grid)
+    )
+    return topology, grid, ctx
+
+
 def build_stage(cfg: RunConfig, model_config: ModelConfig, device: str | None = None):
     """DeepSpeed's grid (its tp/pp/dp groups, shared with our ParallelContext) and this rank's
     pipeline stage (collective); returns (topology, grid, ctx, module, loss_fn, dtype).
     device="meta": built without allocation (allocated uninitialised when DeepSpeed moves it,
     unless `keeping_meta`)."""
-    from deepspeed.runtime.pipe.topology import PipelineParallelGrid, PipeModelDataParallelTopology
-
-    world = dist.get_world_size()
-    tp, pp = cfg.parallel.tp, cfg.parallel.pp
-    dp = cfg.data_parallel_size(world)
-    model_config.check_tp(tp)
-    topology = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp)
-    grid = PipelineParallelGrid(topology=topology)  # DeepSpeed's groups, made once (see below)
-    ctx = ParallelContext.from_sizes(
-        tp, pp, dp, sequence_parallel=cfg.parallel.sequence_parallel, existing=grid_groups(grid)
-    )
+    model_config.check_tp(cfg.parallel.tp)
+    topology, grid, ctx = build_grid(cfg)
     # dropout: the default generator alike on TP ranks, the TP tracker different per TP rank
     # (attention heads, SP shards); a checkpoint saves both (training/checkpointing.py)
     ctx.seed(cfg.train.seed)

@@ -149,26 +149,11 @@ def _state_bytes(layer, dtype_bytes: int) -> int:
 
 def _build(cfg, grid_only: bool):
     """(grid, ctx, StageBuild or None) of the current fake rank."""
-    import torch.distributed as dist
-
     from megatron_ext.training import engine
 
     model = cfg.model
     if grid_only:
-        from deepspeed.runtime.pipe.topology import (
-            PipelineParallelGrid,
-            PipeModelDataParallelTopology,
-        )
-
-        from megatron_ext.parallel.context import ParallelContext
-
-        dp = cfg.data_parallel_size(dist.get_world_size())
-        topo = PipeModelDataParallelTopology(num_pp=cfg.parallel.pp, num_mp=cfg.parallel.tp,
-                                             num_dp=dp)  # fmt: skip
-        grid = PipelineParallelGrid(topology=topo)
-        ctx = ParallelContext.from_sizes(
-            cfg.parallel.tp, cfg.parallel.pp, dp, existing=engine.grid_groups(grid)
-        )
+        _, grid, ctx = engine.build_grid(cfg)
         return grid, ctx, None
     with engine.keeping_meta():
         _, grid, ctx, module, _, dtype = engine.build_stage(cfg, model, device="meta")
