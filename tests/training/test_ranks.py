@@ -100,6 +100,7 @@ def test_torchrun_rank_stopped_by_sigstop_times_out_naming_the_stage(fi_dataset,
     args = _module_args(fi_dataset, ckpt)
     # a save every step: the freeze lands in a train_batch or in a checkpoint save; both are named
     args += ["train.iterations=200", "checkpoint.interval=1", "train.collective_timeout_s=10"]
+    args += ["checkpoint.save_timeout_s=10"]  # a freeze inside a save: saves have their own
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
     cmd += ["--master-port", str(free_port()), "-m", "megatron_ext", *args]
     proc = subprocess.Popen(
