@@ -122,8 +122,10 @@ setup(
             "transformers>=4.44",
             "mpi4py>=3.1",
             "zstandard>=0.22",
+            "wandb>=0.31",
         ],
         "mpi": ["mpi4py>=3.1"],
+        "wandb": ["wandb>=0.31"],  # logging.wandb (W&B beside TensorBoard)
         "zstd": ["zstandard>=0.22"],
     },
     entry_points={"console_scripts": ["megatron-ext=megatron_ext.cli:main"]},

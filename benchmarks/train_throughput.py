@@ -30,7 +30,7 @@ MODEL = [
 SEQ, MBS, GBS, WARMUP = 128, 4, 8, 5
 
 
-def ours(data: str, steps: int, pp: int, tp: int, nproc: int = 2) -> float:
+def ours(data: str, steps: int, pp: int, tp: int, nproc: int = 2, extra: tuple = ()) -> float:
     with tempfile.TemporaryDirectory() as ckpt:
         cmd = [
             sys.executable,
@@ -48,6 +48,7 @@ def ours(data: str, steps: int, pp: int, tp: int, nproc: int = 2) -> float:
             f"checkpoint.dir={ckpt}",
             "checkpoint.interval=100000",
             "logging.tensorboard=false",
+            *extra,
             "--nproc-per-node",
             str(nproc),
         ]

@@ -36,6 +36,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "megatron_ext.training.rehearse",
         "walk a run's start-up and checkpoint layout at its real world size, in one process",
     ),
+    "rollback": (
+        "megatron_ext.training.rollback",
+        "resume a run from an earlier checkpoint, skipping given samples (after a loss spike)",
+    ),
     "evaluate": (
         "megatron_ext.training.evaluate_cli",
         "validation loss/perplexity of a checkpoint",

@@ -37,3 +37,4 @@ class Job:
     resolved_config_path: Path  # where the job reads its config
     train_argv: list[str]
     workdir: Path
+    exclude: tuple[str, ...] = ()  # host names / Slurm ranges the job must not run on

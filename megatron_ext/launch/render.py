@@ -52,6 +52,9 @@ class RenderOptions:
     output: Path | None = None  # None: print the script; the run dir is then run_dir or cwd
     run_dir: Path | None = None
     requeue: bool | None = None  # None: the profile's choice; chains and arrays pass False
+    # nodes the job must not get (`--exclude`, each entry comma-separated; sick nodes that a
+    # pre-flight check named)
+    exclude: list[str] = field(default_factory=list)
 
 
 _TIME = re.compile(r"^(?:(\d+)-)?(\d+):(\d{1,2}):(\d{1,2})$")
@@ -64,6 +67,34 @@ def parse_time(text: str, where: str = "--time") -> int:
         raise UserError(f"{where} '{text}': write HH:MM:SS or D-HH:MM:SS (e.g. 02:00:00)")
     days, hours, minutes, seconds = (int(g or 0) for g in m.groups())
     return ((days * 24 + hours) * 60 + minutes) * 60 + seconds
+
+
+# a host name (letters, digits, '-', '_', '.') with Slurm's numeric ranges allowed anywhere in
+# it (nid[001234-001240]); nothing that a shell or sbatch would read as more than a name
+_HOST = r"[A-Za-z0-9](?:[A-Za-z0-9_.-]|\[\d+(?:-\d+)?(?:,\d+(?:-\d+)?)*\])*"
+_HOST_LIST = re.compile(rf"{_HOST}(?:,{_HOST})*")
+
+
+def parse_exclude(entries: list[str]) -> tuple[str, ...]:
+    """`--exclude` values (each `host,host,...`; spaces around commas dropped) -> the host names
+    and Slurm host ranges, in order, without repeats."""
+    text = ",".join(re.sub(r"\s*,\s*", ",", e.strip()) for e in entries if e.strip())
+    if not text:
+        return ()
+    if not _HOST_LIST.fullmatch(text):
+        odd = sorted({c for c in text if not (c.isascii() and c.isalnum()) and c not in "-_.,[]"})
+        why = (
+            f"{odd!r} cannot be part of a host name"
+            if odd
+            else "an entry is empty, starts with neither a letter nor a digit, or has a [range] "
+            "that is not numbers and dashes"
+        )
+        raise UserError(
+            f"--exclude {text!r}: {why}; give host names separated by commas (letters, digits, "
+            "'-', '_', '.', Slurm ranges such as nid[001234-001240]), e.g. "
+            "--exclude nid001234,nid001240"
+        )
+    return tuple(dict.fromkeys(re.findall(_HOST, text)))
 
 
 _NO_WHITESPACE = ("job_name", "account", "partition", "time")
@@ -93,6 +124,7 @@ def _check_script_values(opts: RenderOptions) -> None:
 def prepare_job(opts: RenderOptions) -> Job:
     """Check the combination and derive the job's shape; every refusal says what to change."""
     _check_script_values(opts)
+    exclude = parse_exclude(opts.exclude)
     p = opts.profile
     if opts.nodes is None or opts.nodes < 1:
         raise UserError("--nodes N is required (N >= 1): how many nodes the job gets")
@@ -190,6 +222,7 @@ def prepare_job(opts: RenderOptions) -> Job:
         resolved_config_path=config_path,
         train_argv=train_argv,
         workdir=workdir,
+        exclude=exclude,
     )
 
 

@@ -43,6 +43,8 @@ def _directives(job: Job) -> list[tuple[str, str]]:
         out.append((f"--account={job.account}", ""))
     if job.partition:
         out.append((f"--partition={job.partition}", ""))
+    if job.exclude:
+        out.append((f"--exclude={','.join(job.exclude)}", "nodes left out (--exclude)"))
     if job.signal_margin_s:
         out.append(
             (

@@ -35,6 +35,14 @@ def _job_arguments(p: argparse.ArgumentParser, output_help: str) -> None:
     )
     p.add_argument("--job-name", help="Slurm job name (default: mx-<config name>)")
     p.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="HOST[,HOST...]",
+        help="nodes the job must not get, e.g. nid001234,nid001240 or nid[001234-001240] "
+        "(repeatable): the ones a failed pre-flight check named",
+    )
+    p.add_argument(
         "--signal-margin",
         type=int,
         dest="signal_margin_s",
@@ -83,6 +91,7 @@ def _options(args: argparse.Namespace, requeue: bool | None = None) -> RenderOpt
         signal_margin_s=args.signal_margin_s,
         output=args.output,
         requeue=requeue,
+        exclude=args.exclude,
     )
 
 

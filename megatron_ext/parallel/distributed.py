@@ -143,3 +143,26 @@ def is_communication_failure(exc: BaseException) -> bool:
         return False
     text = str(exc).lower()
     return any(pattern in text for pattern in _FAILURE_PATTERNS)
+
+
+HOST_BYTES = 64
+
+
+def gather_from_hosts(values: list[float]) -> list[tuple[str, list[float]]]:
+    """(host name, VALUES) of every rank, in rank order (collective). Through a CPU tensor, so
+    gloo carries it beside NCCL/RCCL: it works when a rank's GPU does not."""
+    import socket
+
+    host = socket.gethostname().encode()[:HOST_BYTES]
+    mine = torch.zeros(HOST_BYTES + len(values), dtype=torch.float64)
+    mine[: len(host)] = torch.tensor(list(host), dtype=torch.float64)
+    mine[HOST_BYTES:] = torch.tensor(values, dtype=torch.float64)
+    everyone = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(everyone, mine)
+    return [
+        (
+            bytes(int(b) for b in t[:HOST_BYTES] if b).decode(errors="replace"),
+            t[HOST_BYTES:].tolist(),
+        )
+        for t in everyone
+    ]

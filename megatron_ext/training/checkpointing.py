@@ -357,6 +357,25 @@ def set_aside(root: str, why: list[str]) -> Path | None:
     return aside
 
 
+def saved_skips(root: str) -> list[list[int]] | None:
+    """train.skip_samples in the config.yaml of ROOT's newest checkpoint (where `megatron-ext
+    rollback` records them): a resume keeps skipping them whatever the run's own config says."""
+    from megatron_ext.config import read_yaml
+    from megatron_ext.training.config import check_skip_samples
+
+    for tag in candidates(Path(root)):
+        path = Path(root) / tag / "config.yaml"
+        if path.is_file():
+            train = read_yaml(path).get("train") or {}
+            ranges = train.get("skip_samples") if isinstance(train, dict) else None
+            try:
+                check_skip_samples(ranges)
+            except UserError as exc:
+                raise UserError(f"{path}: {exc}") from None
+            return ranges
+    return None
+
+
 def newest_complete(root: Path) -> str:
     """The tag `load` would try first that passes verification (`latest` first, then older);
     UserError listing each problem when none does."""

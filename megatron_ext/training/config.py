@@ -60,6 +60,21 @@ class DataConfig:
 
 
 @dataclass
+class SpikeConfig:
+    """Loss-spike handling (training/spikes.py): a step whose loss or gradient norm is more than
+    `sigma` standard deviations above the mean of the last `window` good steps is a spike (judged
+    once half the window is filled); `action`: skip (no optimizer step for that batch), log
+    (report only) or off. `max_spikes` spikes within `max_spikes_window` steps: save and stop
+    (exit 3), naming the steps and their samples (0: never stop)."""
+
+    action: Literal["skip", "log", "off"] = "skip"
+    sigma: float = 6.0
+    window: int = 128
+    max_spikes: int = 4
+    max_spikes_window: int = 128
+
+
+@dataclass
 class TrainConfig:
     iterations: int = 100
     micro_batch_size: int = 1
@@ -79,6 +94,15 @@ class TrainConfig:
     kill_switch_file: str | None = None
     max_nonfinite_steps: int = 5  # abort after this many non-finite losses in a row
     collective_timeout_s: float = 600.0
+    spikes: SpikeConfig = field(default_factory=SpikeConfig)
+    # [[start, end], ...]: global sample indices never trained on (end exclusive), in the
+    # units of the sample stream (consumed_samples), whatever the batch size or dp
+    skip_samples: list[list[int]] | None = None
+    # a check of devices and links at start-up (training/preflight.py): all-reduce and
+    # send/recv bandwidth below preflight_min_gbps (GB/s; None: 1 on GPUs, 0.01 on CPU) names
+    # the slow rank and host
+    preflight: bool = True
+    preflight_min_gbps: float | None = None
 
 
 @dataclass
@@ -119,6 +143,27 @@ class CheckpointConfig:
 
 
 @dataclass
+class WandbConfig:
+    """Weights & Biases logging beside TensorBoard (rank 0; training/metrics.py): every row's
+    numeric scalars as `train/<key>` at the row's step, the keys TensorBoard gets. Off while
+    `project` is None (wandb is not imported then).
+
+    mode: offline (default) writes DIR/wandb/offline-run-*/ and never touches the network
+          (`wandb sync DIR/wandb/offline-run-*` uploads it later, from a node with network);
+          online needs WANDB_API_KEY (or a `wandb login` entry in ~/.netrc) and a network;
+          disabled is the same as no project
+    dir:  the directory W&B writes its `wandb/` folder into (default: checkpoint.dir)
+    A resumed run continues the W&B run whose id is in <checkpoint.dir>/wandb/run_id; a run
+    that starts from step 0 begins a new one.
+    """
+
+    project: str | None = None
+    name: str | None = None
+    mode: Literal["online", "offline", "disabled"] = "offline"
+    dir: str | None = None
+
+
+@dataclass
 class LoggingConfig:
     interval: int = 1
     eval_interval: int = 0  # 0: no validation during training
@@ -127,6 +172,14 @@ class LoggingConfig:
     # dense bf16 peak per device for MFU; None: by GPU name (A100 312, H100/H200 989, MI250X
     # GCD 191.5; training/flops.py), no MFU on CPU
     peak_tflops: float | None = None
+    # every N steps each rank's forward/backward/communication/optimizer time is gathered and
+    # the slowest ranks against their stage's median reported (metrics.jsonl "stragglers"); 0 off
+    straggler_interval: int = 100
+    # [first, last]: a torch.profiler trace of those steps in <checkpoint.dir>/profile/
+    # (TensorBoard-readable; on GPUs also a CUDA memory snapshot), on profile_ranks (None: all)
+    profile_steps: list[int] | None = None
+    profile_ranks: list[int] | None = field(default_factory=lambda: [0])
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 @dataclass
@@ -143,6 +196,7 @@ class EvalConfig:
     tokenizer:         the tokenizer dir the run was trained with (needed for the conversion)
     limit:             at most N examples per task (<1: a fraction); None: all
     task_dir:          a directory of BIG-bench task.json files (FIN-bench layout)
+    include_path:      a directory of lm-eval task YAMLs (FIN-bench v2 format, local data files)
     num_fewshot, batch_size, device: passed to `megatron-ext eval` (device None: its default)
     """
 
@@ -151,6 +205,7 @@ class EvalConfig:
     tokenizer: str | None = None
     limit: float | None = None
     task_dir: str | None = None
+    include_path: str | None = None
     num_fewshot: int | None = None
     batch_size: int = 8
     device: Literal["cpu", "cuda"] | None = None
@@ -237,6 +292,19 @@ class RunConfig:
             ),
             (self.logging.interval >= 1, f"logging.interval={self.logging.interval} must be >= 1"),
             (
+                self.logging.straggler_interval >= 0,
+                "logging.straggler_interval must be >= 0 (0: no straggler report)",
+            ),
+            (
+                self.logging.profile_steps is None
+                or (
+                    len(self.logging.profile_steps) == 2
+                    and 1 <= self.logging.profile_steps[0] <= self.logging.profile_steps[1]
+                ),
+                f"logging.profile_steps={self.logging.profile_steps}: give [first, last] steps, "
+                "1 <= first <= last",
+            ),
+            (
                 self.logging.eval_interval >= 0,
                 "logging.eval_interval must be >= 0 (0: no validation)",
             ),
@@ -253,10 +321,37 @@ class RunConfig:
                 "number",
             ),
             (self.data.seq_length >= 1, f"data.seq_length={self.data.seq_length} must be >= 1"),
+            (
+                math.isfinite(t.spikes.sigma) and t.spikes.sigma > 0 and t.spikes.window >= 4,
+                f"train.spikes: sigma={t.spikes.sigma} must be > 0 and window={t.spikes.window} "
+                ">= 4",
+            ),
+            (
+                t.spikes.max_spikes >= 0 and t.spikes.max_spikes_window >= 1,
+                "train.spikes: max_spikes must be >= 0 (0: never stop) and max_spikes_window >= 1",
+            ),
+            (
+                t.preflight_min_gbps is None or t.preflight_min_gbps > 0,
+                f"train.preflight_min_gbps={t.preflight_min_gbps} must be a positive number",
+            ),
         ]
         for ok, what in checks:
             if not ok:
                 raise UserError(f"run config: {what}")
+        check_skip_samples(t.skip_samples)
+
+
+def check_skip_samples(ranges: list[list[int]] | None) -> None:
+    """train.skip_samples: [start, end] pairs, 0 <= start < end, sorted and not overlapping."""
+    previous_end = 0
+    for i, pair in enumerate(ranges or []):
+        if len(pair) != 2 or not 0 <= pair[0] < pair[1] or pair[0] < previous_end:
+            raise UserError(
+                f"train.skip_samples[{i}]={pair}: give [start, end] global sample indices with "
+                "0 <= start < end, the ranges sorted and not overlapping "
+                f"(all of them: {ranges})"
+            )
+        previous_end = pair[1]
 
 
 def check_rampup(train: TrainConfig, dp_size: int) -> None:

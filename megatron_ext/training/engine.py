@@ -44,6 +44,7 @@ from megatron_ext.parallel.tensor_parallel.random import recompute_with_tracker
 from megatron_ext.training.config import RunConfig
 from megatron_ext.training.pipeline import LMLoss, layer_specs, partition_method
 from megatron_ext.training.schedule import learning_rate
+from megatron_ext.training.spikes import SkippableAdamW
 
 log = get_logger(__name__)
 
@@ -153,7 +154,8 @@ def build_optimizer(
     module: torch.nn.Module, cfg: RunConfig, device: torch.device | None = None
 ) -> torch.optim.Optimizer:
     """torch AdamW (never DeepSpeed's JIT-built FusedAdam), torch's fused kernel on CUDA/ROCm
-    (`device`); no weight decay on biases and norms (ndim < 2)."""
+    (`device`), whose step a loss spike can cancel (training/spikes.py); no weight decay on
+    biases and norms (ndim < 2)."""
     decay, no_decay = [], []
     for p in module.parameters():
         if p.requires_grad:
@@ -165,9 +167,7 @@ def build_optimizer(
     ]
     groups = [g for g in groups if g["params"]]
     fused = device is not None and device.type == "cuda"
-    return torch.optim.AdamW(
-        groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused or None
-    )
+    return SkippableAdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused or None)
 
 
 def _lr_factor(step: int, cfg: RunConfig) -> float:

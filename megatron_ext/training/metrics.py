@@ -9,18 +9,31 @@ consumed_samples, skipped (non-finite loss); validation rows carry `val_loss` an
 peak_rss_mb (rank 0's peak resident set since just before the model was built, MiB) and
 baseline_rss_mb (its resident set at that moment: torch, DeepSpeed, the process group), which the
 planner's memory validation compares with its estimate.
+
+TensorBoard and, with `logging.wandb.project` set, Weights & Biases get each row's finite numeric
+values as `train/<key>` at the row's step.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import netrc
+import os
 import resource
+import secrets
+import string
 from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import urlparse
 
 import torch
 
+from megatron_ext.errors import UserError
 from megatron_ext.log import get_logger
+
+if TYPE_CHECKING:
+    from megatron_ext.training.config import WandbConfig
 
 log = get_logger(__name__)
 
@@ -62,12 +75,22 @@ def peak_rss_mb() -> float | None:
 
 class MetricsWriter:
     """Writes rows on rank 0 only (all ranks may call it). Resuming truncates rows after
-    `resume_step` so the file holds one row per step."""
+    `resume_step` so the file holds one row per step (TensorBoard: purge_step). `wandb`: a
+    WandbConfig; with its project set the W&B run starts here, so a W&B that cannot start
+    stops the run at start-up (UserError), not after hours of training."""
 
-    def __init__(self, out_dir: str, enabled: bool, tensorboard: bool, resume_step: int = 0):
+    def __init__(
+        self,
+        out_dir: str,
+        enabled: bool,
+        tensorboard: bool,
+        resume_step: int = 0,
+        wandb: WandbConfig | None = None,
+    ):
         self.enabled = enabled
         self.path = Path(out_dir) / "metrics.jsonl"
         self.tb = None
+        self.wandb = None
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -78,16 +101,26 @@ class MetricsWriter:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(Path(out_dir) / "tensorboard"), purge_step=resume_step + 1)
+        if wandb is not None and wandb.project and wandb.mode != "disabled":
+            self.wandb = start_wandb(wandb, Path(out_dir), resume_step)
+            # a resumed online run already holds these steps: W&B keeps only increasing ones
+            self._wandb_from = self.wandb.starting_step
 
     def write(self, row: dict) -> None:
         if not self.enabled:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
+        scalars = {
+            f"train/{key}": value
+            for key, value in row.items()
+            if key != "step" and isinstance(value, (int, float)) and math.isfinite(value)
+        }
         if self.tb is not None:
-            for key, value in row.items():
-                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-                    self.tb.add_scalar(f"train/{key}", value, row["step"])
+            for key, value in scalars.items():
+                self.tb.add_scalar(key, value, row["step"])
+        if self.wandb is not None and row["step"] >= self._wandb_from:
+            self.wandb.log(scalars, step=row["step"])
         parts = [f"step {row['step']}"]
         keys = ("loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "tflops_per_device", "mfu")
         for key in keys:
@@ -98,6 +131,75 @@ class MetricsWriter:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.finish()
+            self.wandb = None
+            wandb.teardown()  # stops wandb's service process: nothing is left running
+
+
+WANDB_RUN_ID = "wandb/run_id"  # under checkpoint.dir
+
+
+def start_wandb(cfg: WandbConfig, checkpoint_dir: Path, resume_step: int):
+    """The W&B run of a training run (rank 0): a new one from step 0, else the one whose id is in
+    CHECKPOINT_DIR/wandb/run_id (resume="allow"). Offline never reaches the network: WANDB_MODE
+    is set before wandb reads its settings, which also keeps its telemetry off."""
+    os.environ["WANDB_MODE"] = cfg.mode
+    if cfg.mode == "online":
+        _check_wandb_credentials()
+    try:
+        import wandb
+    except ImportError:
+        raise UserError(
+            "logging.wandb.project is set but wandb is not installed: pip install -c "
+            "constraints.txt wandb, or remove logging.wandb.project"
+        ) from None
+    id_file = checkpoint_dir / WANDB_RUN_ID
+    run_id = id_file.read_text().strip() if resume_step and id_file.is_file() else None
+    if not run_id:
+        run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+        id_file.parent.mkdir(parents=True, exist_ok=True)
+        id_file.write_text(run_id + "\n")
+    root = Path(cfg.dir) if cfg.dir else checkpoint_dir
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        run = wandb.init(
+            project=cfg.project,
+            name=cfg.name,
+            id=run_id,
+            resume="allow",
+            dir=str(root),
+            mode=cfg.mode,
+            settings=wandb.Settings(console="off"),  # our log stays ours: no stdout wrapping
+        )
+    except wandb.errors.Error as exc:
+        raise UserError(
+            f"logging.wandb (mode {cfg.mode}, run id {run_id} from {id_file}): W&B did not "
+            f"start: {exc}; without network use logging.wandb.mode=offline and `wandb sync` later"
+        ) from None
+    log.info("W&B run %s (%s) in %s", run_id, cfg.mode, root / "wandb")
+    return run
+
+
+def _check_wandb_credentials() -> None:
+    """Online mode without credentials would prompt on a terminal or fail deep inside
+    wandb.init; refuse before that, saying how to give them."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    path = os.environ.get("NETRC") or os.path.expanduser("~/.netrc")
+    try:
+        if netrc.netrc(path).authenticators(host):
+            return
+    except (OSError, netrc.NetrcParseError):
+        pass
+    raise UserError(
+        f"logging.wandb.mode=online needs W&B credentials for {host}: set WANDB_API_KEY or run "
+        f"`wandb login` once (it writes {path}); where there is no network, use "
+        "logging.wandb.mode=offline and upload later with `wandb sync`"
+    )
 
 
 def read_metrics(path: str | Path) -> list[dict]:

@@ -233,7 +233,9 @@ def run(args: argparse.Namespace) -> int:
 def train_here(cfg: RunConfig) -> int:
     """This process is one rank of the run (the launcher set the environment)."""
     from megatron_ext.training import engine as engine_mod
+    from megatron_ext.training.preflight import PreflightError
     from megatron_ext.training.ranks import export_dist_env
+    from megatron_ext.training.spikes import LossSpikeError
     from megatron_ext.training.stopping import StopConditions
     from megatron_ext.training.trainer import CollectiveError, NonFiniteLossError, train
 
@@ -243,10 +245,14 @@ def train_here(cfg: RunConfig) -> int:
     engine_mod.init_distributed(cfg.train.collective_timeout_s)
     try:
         result = train(cfg, stop)
-    except NonFiniteLossError as exc:
+    except (NonFiniteLossError, LossSpikeError) as exc:
         log.error("%s", exc)
         engine_mod.shutdown()
         return 3
+    except PreflightError as exc:
+        log.error("%s", exc)
+        engine_mod.shutdown()
+        return 5
     except CollectiveError as exc:
         # no shutdown(): its barrier would wait for the rank that is stuck or gone
         log.error("%s", exc)

@@ -18,10 +18,23 @@ import torch.distributed as dist
 from megatron_ext.errors import UserError
 from megatron_ext.log import get_logger
 from megatron_ext.parallel.distributed import is_communication_failure
-from megatron_ext.training import checkpointing, flops, universal
+from megatron_ext.training import (
+    checkpointing,
+    diagnostics,
+    flops,
+    preflight,
+    spikes,
+    universal,
+)
 from megatron_ext.training import hooks as step_hooks
 from megatron_ext.training.config import RunConfig
-from megatron_ext.training.data import build_run_datasets, micro_batches
+from megatron_ext.training.data import (
+    SkippedSamples,
+    build_run_datasets,
+    merge_skips,
+    micro_batches,
+    without_skipped,
+)
 from megatron_ext.training.engine import Engine, build_engine
 from megatron_ext.training.hooks import StepContext
 from megatron_ext.training.in_loop_eval import InLoopEval
@@ -150,13 +163,14 @@ def evaluate_loss(
     return sum(losses) / len(losses)
 
 
-def _start_plan(cfg: RunConfig) -> tuple[str | None, bool]:
+def _start_plan(cfg: RunConfig) -> tuple[str | None, bool, list]:
     """What start-up learns from the checkpoint directories (run on rank 0, see `_train`):
-    checkpoint.load's layout checked, the universal checkpoint of a layout change, and whether
-    every weight will come from a checkpoint."""
+    checkpoint.load's layout checked, the universal checkpoint of a layout change, whether
+    every weight will come from a checkpoint, and the samples the run skips."""
     check_load_layout(cfg)
     universal_tag = _universal_tag(cfg)
-    return universal_tag, _weights_from_checkpoint(cfg, universal_tag)
+    skips = merge_skips(cfg.train.skip_samples, checkpointing.saved_skips(cfg.checkpoint.dir))
+    return universal_tag, _weights_from_checkpoint(cfg, universal_tag), skips
 
 
 def _universal_tag(cfg: RunConfig) -> str | None:
@@ -250,7 +264,7 @@ def _client_state(state: TrainState, engine: Engine, cfg: RunConfig) -> dict:
     }
 
 
-def _save(engine: Engine, cfg: RunConfig, state: TrainState) -> None:
+def _save(engine: Engine, cfg: RunConfig, state: TrainState, keep: int | None = None) -> None:
     tag = checkpointing.tag_of(state.iteration)
     started = time.perf_counter()
     with _collectives_named(engine, state.iteration, f"the checkpoint save of {tag}"):
@@ -260,10 +274,23 @@ def _save(engine: Engine, cfg: RunConfig, state: TrainState) -> None:
             state.iteration,
             _client_state(state, engine, cfg),
             cfg,
-            cfg.checkpoint.keep,
+            cfg.checkpoint.keep if keep is None else keep,
         )
     if engine.ctx.rank == 0:
         log.info("training stalled %.3f s for the save of %s", time.perf_counter() - started, tag)
+
+
+def _stop_on_spikes(engine: Engine, cfg: RunConfig, state: TrainState, spike_log) -> None:
+    """Too many spikes close together (every rank judged the same ones): save and stop."""
+    if not spike_log.too_many(state.iteration, []):
+        return
+    _save(engine, cfg, state, keep=0)  # no rotation: the checkpoints before the spikes stay
+    checkpointing.finish_saves(engine, cfg)
+    tags = checkpointing.on_rank0(lambda: checkpointing.list_checkpoints(Path(cfg.checkpoint.dir)))
+    message = spike_log.too_many(state.iteration, tags)
+    message = message.replace("--checkpoint DIR", f"--checkpoint {cfg.checkpoint.dir}")
+    tag = checkpointing.tag_of(state.iteration)
+    raise spikes.LossSpikeError(f"{message}. Saved {tag} in {cfg.checkpoint.dir}")
 
 
 def train(cfg: RunConfig, stop: StopConditions | None = None, hooks: list | None = None) -> dict:
@@ -276,7 +303,8 @@ def train(cfg: RunConfig, stop: StopConditions | None = None, hooks: list | None
         stop = StopConditions(cfg.train.exit_duration_in_mins, cfg.train.kill_switch_file)
         stop.install()
     try:
-        return _train(cfg, stop, step_hooks.from_env(cfg) if hooks is None else hooks)
+        hooks = step_hooks.from_env(cfg) if hooks is None else hooks
+        return _train(cfg, stop, diagnostics.builtin_hooks(cfg) + hooks)
     finally:
         if own:
             stop.uninstall()
@@ -287,7 +315,11 @@ def _train(cfg: RunConfig, stop: StopConditions, hooks: list) -> dict:
     model_config = cfg.model
     baseline_rss_mb = start_rss_tracking()  # what the model, optimizer and steps add comes after
     checkpointing.reset_async_state()
-    universal_tag, uninitialised = checkpointing.on_rank0(lambda: _start_plan(cfg))
+    universal_tag, uninitialised, cfg.train.skip_samples = checkpointing.on_rank0(
+        lambda: _start_plan(cfg)
+    )  # skips a rollback recorded in the checkpoint it resumes from are kept
+    if cfg.train.preflight:
+        preflight.check(cfg.train.preflight_min_gbps)
     engine = build_engine(
         cfg,
         model_config,
@@ -296,9 +328,17 @@ def _train(cfg: RunConfig, stop: StopConditions, hooks: list) -> dict:
     )
     c = engine.ctx
     train_ds, valid_ds, _ = build_run_datasets(cfg)
+    train_ds = without_skipped(train_ds, cfg.train.skip_samples)
+    skipped = SkippedSamples(cfg.train.skip_samples)
     state = _resume(engine, cfg, universal_tag, uninitialised)
+    guard = spikes.install(cfg.train.spikes, engine)
+    spike_log = spikes.SpikeLog(cfg.train.spikes)
     metrics = MetricsWriter(
-        cfg.checkpoint.dir, c.rank == 0, cfg.logging.tensorboard, resume_step=state.iteration
+        cfg.checkpoint.dir,
+        c.rank == 0,
+        cfg.logging.tensorboard,
+        resume_step=state.iteration,
+        wandb=cfg.logging.wandb,
     )
     batches = micro_batches(
         train_ds,
@@ -330,11 +370,18 @@ def _train(cfg: RunConfig, stop: StopConditions, hooks: list) -> dict:
             tokens_per_step = gbs * cfg.data.seq_length
             lr = engine.lr()  # the scheduler moves on inside train_batch
             start = time.perf_counter()
+            if guard is not None:
+                guard.begin()
             reason, loss = _run_step(engine, batches, stop, step, hooks, run)
             if reason is not None:
                 result["stopped"] = reason
                 break
             elapsed = time.perf_counter() - start
+            spike = guard.spiked() if guard is not None else None
+            if spike is not None:  # the global sample indices of the batch
+                samples = skipped.global_ranges(
+                    state.consumed_samples, state.consumed_samples + gbs
+                )
             state.iteration = step
             state.consumed_samples += gbs
             finite = math.isfinite(loss)
@@ -342,7 +389,8 @@ def _train(cfg: RunConfig, stop: StopConditions, hooks: list) -> dict:
             row = {
                 "step": step,
                 "loss": loss if finite else None,
-                "skipped": not finite,
+                "skipped": not finite or bool(spike and guard.skips),
+                "spike": spike is not None,
                 "lr": lr,
                 "grad_norm": engine.grad_norm() if finite else None,
                 "loss_scale": engine.loss_scale(),
@@ -363,6 +411,9 @@ def _train(cfg: RunConfig, stop: StopConditions, hooks: list) -> dict:
                         f"{state.nonfinite_in_a_row} non-finite losses in a row (up to step {step});"
                         f" the last good checkpoint in {cfg.checkpoint.dir} is kept"
                     )
+            if spike is not None:
+                spike_log.record(step, samples, spike, guard.skips)
+                row["spike_samples"] = samples
             ev = cfg.logging.eval_interval
             if ev and valid_ds is not None and step % ev == 0:
                 full = cfg.grad_accumulation_steps(c.dp_size)  # full-size batches, ramp-up or not
@@ -372,8 +423,10 @@ def _train(cfg: RunConfig, stop: StopConditions, hooks: list) -> dict:
                     )
                 row["val_ppl"] = math.exp(min(row["val_loss"], 50.0))
             step_hooks.after_step(hooks, run, row)
-            if step % cfg.logging.interval == 0 or not finite:
+            if step % cfg.logging.interval == 0 or not finite or spike or "stragglers" in row:
                 metrics.write(row)
+            if spike is not None:
+                _stop_on_spikes(engine, cfg, state, spike_log)
             result["loss"] = row["loss"]
             # no checkpoint inside a non-finite streak: the last good one stays the newest
             if step % cfg.checkpoint.interval == 0 and finite:

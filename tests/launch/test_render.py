@@ -224,3 +224,48 @@ def test_a_model_typo_is_refused_before_anything_is_written(run_yaml, tmp_path, 
     with pytest.raises(UserError, match="unknown key"):
         prepare_job(options("local", run_yaml, nodes=4, overrides=[override], output=out))
     assert not out.parent.exists()
+
+
+def test_exclude_is_one_sbatch_line(run_yaml):
+    """Entries as typed in a hurry (spaces after commas, a repeat, a Slurm range) render as one
+    clean `--exclude`."""
+    kw = {"exclude": ["nid001234, nid001240", "nid[000010-000012,000020]", "nid001234"]}
+    text = render_script(prepare_job(options("generic", run_yaml, **kw)))
+    assert "#SBATCH --exclude=nid001234,nid001240,nid[000010-000012,000020]\n" in text
+    assert "--exclude" not in render_script(prepare_job(options("generic", run_yaml)))
+
+
+def test_render_and_submit_take_exclude(run_yaml, tmp_path, capsys):
+    rc = main(["slurm", "render", "--profile", "local", "--nodes", "4", "--config",
+               str(run_yaml), "--exclude", "node3", "--exclude", "node4.cluster"])  # fmt: skip
+    assert rc == 0
+    assert "#SBATCH --exclude=node3,node4.cluster\n" in capsys.readouterr().out
+    out = tmp_path / "run" / "job.sbatch"
+    rc = main(["slurm", "submit", "--profile", "local", "--nodes", "4", "--config",
+               str(run_yaml), "-o", str(out), "--exclude", "node3;scancel -u $USER"])  # fmt: skip
+    assert rc == 2  # refused before anything is written or queued
+    assert "--exclude 'node3;scancel -u $USER': [' ', '$', ';'] cannot be part of a host name" in (
+        capsys.readouterr().err
+    )
+    assert not out.parent.exists()
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "nid001234\n#SBATCH --qos=high",
+        "nid001234 nid001240",
+        "nid001234;rm -rf ~",
+        "$(reboot)",
+        "nid'1",
+        "--nodelist=nid1",
+        "../hosts",  # sbatch reads a value with '/' as a file of host names
+        "nid1,,nid2",
+        "nid[001-003",
+        "nid[a-c]",
+        "nid=1",
+    ],
+)
+def test_exclude_takes_host_names_only(run_yaml, value):
+    with pytest.raises(UserError, match=r"^--exclude .*e\.g\. --exclude nid001234,nid001240$"):
+        prepare_job(options("generic", run_yaml, exclude=[value]))

@@ -15,6 +15,9 @@ faults (JSON in MEGATRON_EXT_FAULTS):
                               checkpoint.async_save the background writer sleeps
     fail_save_step, fail_save_rank
                               that rank's writes of that step's checkpoint fail (disk full)
+    spike_steps: [7, 9]       the loss of these steps is multiplied by 1000 (a loss spike)
+    drop_samples: [[a, b]]    the training data never holds global samples [a, b) (a torch
+                              Subset made here: the reference for train.skip_samples)
 """
 
 from __future__ import annotations
@@ -53,20 +56,23 @@ class Faults:
         slow_save_s=0.0,
         fail_save_step=None,
         fail_save_rank=0,
+        spike_steps=(),
+        drop_samples=(),
     ):
         self.nonfinite_steps = set(nonfinite_steps)
+        self.spike_steps = set(spike_steps)
+        self.factor = 1.0
+        if drop_samples:
+            _drop_from_training_data(drop_samples)
         self.slow_save = (slow_save_step, slow_save_rank, slow_save_s)
         self.fail_save = (fail_save_step, fail_save_rank)
         self.hang_step, self.hang_rank, self.hold_step = hang_step, hang_rank, hold_step
-        self.poison = False
         self.installed = False
 
     def _install(self, engine) -> None:
         module = engine.ds.module  # DeepSpeed's PipelineModule: calls module.loss_fn
         loss_fn = module.loss_fn
-        module.loss_fn = lambda out, labels: (
-            loss_fn(out, labels) * (float("nan") if self.poison else 1.0)
-        )
+        module.loss_fn = lambda out, labels: loss_fn(out, labels) * self.factor
         if self.hang_step is not None and dist.get_rank() == self.hang_rank:
             module.register_forward_pre_hook(self._maybe_hang)
         step, rank, seconds = self.slow_save
@@ -106,9 +112,28 @@ class Faults:
         if not self.installed:
             self._install(run.engine)
         self.step = run.step
-        self.poison = run.step in self.nonfinite_steps
+        self.factor = float("nan") if run.step in self.nonfinite_steps else 1.0
+        self.factor *= 1000.0 if run.step in self.spike_steps else 1.0
         hold = self.hold_step
         if hold is not None and run.start_iteration < hold and run.step == hold + 1:
             log.warning("fault injection: holding before step %d until a stop condition", run.step)
             while run.agree_to_stop() is None:
                 time.sleep(0.2)
+
+
+def _drop_from_training_data(ranges) -> None:
+    """The trainer's training split without the global samples of RANGES."""
+    from torch.utils.data import Subset
+
+    from megatron_ext.training import trainer
+    from megatron_ext.training.data import sample_counts
+
+    build = trainer.build_run_datasets
+
+    def without(cfg, counts=None):
+        train, valid, test = counts or sample_counts(cfg)
+        train, valid, test = build(cfg, (train + sum(b - a for a, b in ranges), valid, test))
+        kept = [i for i in range(len(train)) if not any(a <= i < b for a, b in ranges)]
+        return Subset(train, kept), valid, test
+
+    trainer.build_run_datasets = without
