@@ -2,14 +2,18 @@
 
     megatron-ext eval --checkpoint DIR --tokenizer TOK --tasks fi_gimp_completion
     megatron-ext eval --hf-dir HF_DIR --task-dir FIN-bench/data --num-fewshot 3 --output r.json
+    megatron-ext eval --hf-dir HF_DIR --include-path my_yaml_tasks --tasks fi_gimp_completion
     megatron-ext eval --compare run1.json run2.json ...
 
 `--checkpoint` converts the checkpoint (its `latest`, or `--iteration`) to Hugging Face once,
 into DIR/hf-cache/<tag>/ next to the tag directories, and reuses that on later calls while the
 checkpoint's content is the same (eval/hf_cache.py).
 Tasks: the bundled ones (megatron_ext/assets/tasks), every BIG-bench `task.json` under
-`--task-dir`, or lm-eval's own task names (their datasets must already be in the local
-Hugging Face cache: nothing is downloaded). Prints a table; `--output` keeps lm-eval's JSON.
+`--task-dir`, the lm-eval task YAMLs under `--include-path` (FIN-bench v2's format, datasets
+from local files: `dataset_path: json`, `dataset_kwargs: {data_files: ...}`), or lm-eval's own
+task names (their datasets must already be in the local Hugging Face cache: nothing is
+downloaded). Without --tasks, every task of --task-dir and --include-path. Every task file is
+checked before any model is loaded. Prints a table; `--output` keeps lm-eval's JSON.
 """
 
 from __future__ import annotations
@@ -32,6 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", help="tokenizer dir copied into the converted checkpoint")
     p.add_argument("--tasks", default="", help="comma-separated task names")
     p.add_argument("--task-dir", help="directory of BIG-bench task.json files (FIN-bench layout)")
+    p.add_argument(
+        "--include-path", help="directory of lm-eval task YAMLs (lm-eval's --include_path)"
+    )
     p.add_argument("--num-fewshot", type=int, help="shots per prompt (default: 0)")
     p.add_argument("--limit", type=float, help="at most N examples per task (<1: a fraction)")
     p.add_argument("--batch-size", type=int, default=8, help="(default: 8)")
@@ -64,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
         print(compare(args.compare))
         return 0
     names = [n.strip() for n in args.tasks.split(",") if n.strip()]
-    ours, others = resolve(names, args.task_dir)  # checks every task.json before any work
+    # checks every task.json and task YAML before any work
+    ours, others = resolve(names, args.task_dir, args.include_path)
     if args.hf_dir:
         hf_dir = Path(args.hf_dir)
     else:
@@ -88,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
             device=device,
             max_length=args.max_length,
             log_samples=args.log_samples,
+            include_path=Path(args.include_path) if args.include_path else None,
         )
     )
     print(format_table([(hf_dir.name, results)]))

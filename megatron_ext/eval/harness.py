@@ -32,7 +32,7 @@ def go_offline() -> None:
 class EvalRequest:
     hf_dir: Path
     tasks: list[BigBenchTask]
-    other_tasks: list[str]  # names for lm-eval's own registry (their data must be cached)
+    other_tasks: list[str]  # include_path's YAML tasks, or lm-eval's (their data cached)
     num_fewshot: int | None = None
     limit: int | float | None = None
     batch_size: int = 8
@@ -40,6 +40,7 @@ class EvalRequest:
     max_length: int | None = None
     log_samples: bool = False
     seed: int = 1234
+    include_path: Path | None = None  # lm-eval task YAMLs (checked by tasks.yaml_tasks)
 
 
 def check_hf_dir(hf_dir: Path) -> None:
@@ -64,13 +65,15 @@ def evaluate(req: EvalRequest) -> dict:
     from megatron_ext.eval.tasks import write_lm_eval_tasks
 
     # Our tasks come as configs; lm-eval's own index (thousands of YAML files) is scanned only
-    # when a task of its own is asked for.
-    manager = TaskManager(include_defaults=bool(req.other_tasks))
+    # when a name is neither ours nor in the include path.
+    manager = TaskManager(include_path=req.include_path, include_defaults=False)
+    if any(n not in manager.all_tasks for n in req.other_tasks):
+        manager = TaskManager(include_path=req.include_path)
     unknown = [n for n in req.other_tasks if n not in manager.all_tasks]
     if unknown:
         raise UserError(
-            f"unknown task(s) {', '.join(unknown)}: not among the bundled tasks, --task-dir "
-            "or lm-eval's registry"
+            f"unknown task(s) {', '.join(unknown)}: not among the bundled tasks, --task-dir, "
+            "--include-path or lm-eval's registry"
         )
     model_args: dict = {"pretrained": str(req.hf_dir), "device": req.device}
     if req.max_length is not None:

@@ -43,6 +43,7 @@ def eval_command(cfg: EvalConfig, tag_dir: Path, output: Path) -> list[str]:
     for flag, value in (
         ("--limit", cfg.limit),
         ("--task-dir", cfg.task_dir),
+        ("--include-path", cfg.include_path),
         ("--num-fewshot", cfg.num_fewshot),
         ("--device", cfg.device),
     ):
