@@ -6,7 +6,7 @@ seq 128, micro-batch 4, global batch 8, fp32, 2 processes, gloo).
 
     python benchmarks/health_overhead.py [--steps 40] [--repeats 3] [--record FILE]
 
-Baseline: the same runs with train.spikes.action=off and logging.straggler_interval=0. Runs
+Baseline: the same runs with train.spikes.action=none and logging.straggler_interval=0. Runs
 alternate (baseline, checked) REPEATS times per layout; reported: median tokens/s of each (the
 steps after the first 5, from metrics.jsonl), and checked / baseline.
 """
@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import finish, finnish_dataset  # noqa: E402
 from train_throughput import ours  # noqa: E402
 
-OFF = ("train.spikes.action=off", "logging.straggler_interval=0")
+OFF = ("train.spikes.action=none", "logging.straggler_interval=0")
 # the defaults (spike guard on; straggler report every 100 steps) and a report every 10 steps
 CHECKED = {"defaults": (), "straggler report every 10 steps": ("logging.straggler_interval=10",)}
 LAYOUTS = {"dp=2": (1, 1), "pp=2": (2, 1)}

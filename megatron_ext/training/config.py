@@ -64,10 +64,10 @@ class SpikeConfig:
     """Loss-spike handling (training/spikes.py): a step whose loss or gradient norm is more than
     `sigma` standard deviations above the mean of the last `window` good steps is a spike (judged
     once half the window is filled); `action`: skip (no optimizer step for that batch), log
-    (report only) or off. `max_spikes` spikes within `max_spikes_window` steps: save and stop
+    (report only) or none. `max_spikes` spikes within `max_spikes_window` steps: save and stop
     (exit 3), naming the steps and their samples (0: never stop)."""
 
-    action: Literal["skip", "log", "off"] = "skip"
+    action: Literal["skip", "log", "none"] = "skip"  # not "off": YAML reads that as false
     sigma: float = 6.0
     window: int = 128
     max_spikes: int = 4

@@ -5,7 +5,8 @@ times DeepSpeed's pipeline instructions by kind (forward, backward, communicatio
 data), synchronising the GPU around each; every rank's times are gathered and rank 0 reports the
 ranks slowest against the median of their pipeline stage (the ranks of a stage do the same work;
 all ranks' median where a stage has one rank; communication is mostly waiting for a slow peer,
-so compute = forward + backward + optimizer is compared). Other steps pay one flag test per instruction.
+so compute = forward + backward + optimizer is compared; tensor-parallel collectives inside the
+forward and backward count as compute, so a slow GPU also slows its TP peers' figures). Other steps pay one flag test per instruction.
 
 Profiler (logging.profile_steps: [first, last]): torch.profiler records those steps on the ranks
 of logging.profile_ranks into <checkpoint.dir>/profile/ (TensorBoard's profiler plugin reads
@@ -70,6 +71,7 @@ class StragglerReport:
                 out = fn(engine, *args, **kwargs)
                 sync()
                 self.times[kind] += time.perf_counter() - start
+                self.active = kind != "optimizer"  # the step ends there (not validation's)
                 return out
 
             return run
@@ -84,7 +86,7 @@ class StragglerReport:
         self.times = dict.fromkeys(KINDS, 0.0)
 
     def after_step(self, run, row: dict) -> None:
-        if not self.active:
+        if run.step % self.interval:
             return
         self.active = False
         ranks = _gather_times(self.times, run.engine.ctx.pp_rank)

@@ -59,28 +59,35 @@ def check(min_gbps: float | None = None, nbytes: int | None = None) -> list[dict
 
 
 def failing(rows: list[dict], floor: float) -> str | None:
-    """The message naming each failing rank and host, with the hosts to exclude; None if none."""
+    """The message naming each rank whose device fails or whose send/recv is below FLOOR (with
+    the hosts to exclude), and an all-reduce below FLOOR (a figure of the whole group: it names
+    no rank); None when all pass."""
     lines, hosts = [], []
     for r in rows:
         why = r["device_problem"]
-        if why is None:
-            slow = [
-                f"{what} {r[key]:.3g} GB/s"
-                for what, key in (("all-reduce", "allreduce_gbps"), ("send/recv", "sendrecv_gbps"))
-                if r[key] < floor
-            ]
-            why = ", ".join(slow) + f" < minimum {floor:g} GB/s" if slow else None
+        if why is None and r["sendrecv_gbps"] < floor:
+            why = f"send/recv {r['sendrecv_gbps']:.3g} GB/s < minimum {floor:g} GB/s"
         if why is not None:
             lines.append(f"rank {r['rank']} on {r['host']}: {why}")
             hosts.append(r["host"])
+    allreduce = min(r["allreduce_gbps"] for r in rows)
+    if allreduce < floor and not any(r["device_problem"] for r in rows):
+        lines.append(
+            f"all-reduce over {len(rows)} ranks: {allreduce:.3g} GB/s < minimum {floor:g} GB/s"
+            + ("" if hosts else " (no single link is slow: the network as a whole)")
+        )
     if not lines:
         return None
-    excluded = ",".join(dict.fromkeys(hosts))
+    exclude = (
+        f"Resubmit without those nodes: megatron-ext slurm submit ... --exclude "
+        f"{','.join(dict.fromkeys(hosts))} (a slow send/recv names the ranks on both ends of a "
+        "slow link). "
+        if hosts
+        else ""
+    )
     return (
-        "pre-flight check failed:\n  " + "\n  ".join(lines) + "\nResubmit without those nodes: "
-        f"megatron-ext slurm submit ... --exclude {excluded} (a slow send/recv names the ranks "
-        "on both ends of a slow link; train.preflight_min_gbps sets the minimum, "
-        "train.preflight=false skips the check)"
+        "pre-flight check failed:\n  " + "\n  ".join(lines) + f"\n{exclude}"
+        "train.preflight_min_gbps sets the minimum, train.preflight=false skips the check"
     )
 
 
@@ -99,12 +106,14 @@ def _all_ok(ok: bool) -> bool:
 
 
 def _timed(fn, device: torch.device) -> float:
-    """The best of REPEATS timings of fn() (after one warm-up), in seconds."""
+    """The best of REPEATS timings of fn() (after one warm-up), in seconds; all ranks start each
+    together (a barrier), so a slow link delays only the ranks at its two ends."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     fn()
     sync()
     best = float("inf")
     for _ in range(REPEATS):
+        dist.barrier()
         start = time.perf_counter()
         fn()
         sync()

@@ -6,7 +6,8 @@ window is filled; a spike does not enter the window. The judgement is made where
 exist: inside the optimizer step, after DeepSpeed (ZeRO-1 or its BF16_Optimizer) has reduced the
 gradients and computed the global norm, and before our AdamW runs. The step's loss (mean over its
 micro-batches and data-parallel replicas, as DeepSpeed reports it) comes from the last pipeline
-stage through one small all-reduce of a device tensor: no host read. A skipped step leaves the
+stage, with rank 0's gradient norm, through one small all-reduce of a device tensor (no host read;
+every rank judges the same numbers, so all skip or stop together). A skipped step leaves the
 weights and Adam's moments and step count as they were: torch's fused AdamW (CUDA/ROCm) takes the
 decision as its `found_inf` tensor on the device; on the CPU our AdamW reads it (a CPU tensor).
 The trainer reads the flag after `train_batch`, next to the loss it reads anyway. The batch's
@@ -77,10 +78,12 @@ class SpikeGuard:
         """0-d float32 on the device: 1.0 when this step is a spike (computed once per step)."""
         if self.flag is not None:
             return self.flag
-        x = torch.stack([self._loss(), self._grad_norm()])
+        x = self._loss_and_grad_norm()
         n = self.good.sum()
-        mean = (self.values * self.good).sum(1) / n.clamp(min=1)
-        var = (((self.values - mean[:, None]) * self.good) ** 2).sum(1) / (n - 1).clamp(min=1)
+        kept = torch.where(self.good, self.values, 0.0)
+        mean = kept.sum(1) / n.clamp(min=1)
+        var = torch.where(self.good, (self.values - mean[:, None]) ** 2, 0.0).sum(1)
+        var = var / (n - 1).clamp(min=1)
         limit = mean + self.cfg.sigma * var.sqrt()
         spike = (n >= self.ready_at) & (x > limit).any()  # a NaN grad norm (no norm) never is
         self.values[:, self.slot] = x
@@ -90,21 +93,21 @@ class SpikeGuard:
         self.judged = (x, limit)
         return self.flag
 
-    def _loss(self) -> torch.Tensor:
-        """The step's loss on every rank: the last stage's (TP rank 0's) mean over its
-        micro-batches, summed over the data-parallel replicas by one all-reduce."""
+    def _loss_and_grad_norm(self) -> torch.Tensor:
+        """[loss, grad norm], the same on every rank (one all-reduce, so every rank judges the
+        same numbers): the loss is the last stage's (TP rank 0's) mean over its micro-batches
+        averaged over the data-parallel replicas; the grad norm rank 0's (DeepSpeed's global
+        norm, which replicas reduce separately and could round apart)."""
         ds, ctx = self.engine.ds, self.engine.ctx
-        local = torch.zeros((), device=self.device)
+        local = torch.zeros(2, device=self.device)
         if ds.is_last_stage() and ctx.tp_rank == 0 and ds.total_loss is not None:
-            local = ds.total_loss.detach().float().reshape(()) / ds.gradient_accumulation_steps()
+            loss = ds.total_loss.detach().float().reshape(())
+            local[0] = loss / ds.gradient_accumulation_steps() / ctx.dp_size
+        if dist.get_rank() == 0:
+            norm = getattr(ds.optimizer, "_global_grad_norm", None)
+            local[1] = float("nan") if norm is None else torch.as_tensor(norm).reshape(())
         dist.all_reduce(local)
-        return local / ctx.dp_size
-
-    def _grad_norm(self) -> torch.Tensor:
-        norm = getattr(self.engine.ds.optimizer, "_global_grad_norm", None)
-        if norm is None:
-            return torch.tensor(float("nan"), device=self.device)
-        return torch.as_tensor(norm, dtype=torch.float32, device=self.device).reshape(())
+        return local
 
     def spiked(self) -> dict | None:
         """After train_batch: None, or the spike's loss, grad norm and their limits (host)."""
@@ -166,9 +169,9 @@ def _ranges_text(ranges: list[tuple[int, int]]) -> str:
 
 
 def install(cfg, engine) -> SpikeGuard | None:
-    """The SpikeGuard of a run (None with action=off), handed to its AdamW inside DeepSpeed's
+    """The SpikeGuard of a run (None with action=none), handed to its AdamW inside DeepSpeed's
     optimizer wrapper (ZeRO-1 and BF16_Optimizer both keep it as `.optimizer`)."""
-    if cfg.action == "off":
+    if cfg.action == "none":
         return None
     wrapper = engine.ds.optimizer
     adamw = getattr(wrapper, "optimizer", wrapper)

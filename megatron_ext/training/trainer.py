@@ -169,8 +169,24 @@ def _start_plan(cfg: RunConfig) -> tuple[str | None, bool, list]:
     every weight will come from a checkpoint, and the samples the run skips."""
     check_load_layout(cfg)
     universal_tag = _universal_tag(cfg)
-    skips = merge_skips(cfg.train.skip_samples, checkpointing.saved_skips(cfg.checkpoint.dir))
+    saved = checkpointing.saved_skips(cfg.checkpoint.dir)
+    skips = (merge_skips(cfg.train.skip_samples, saved), saved)
     return universal_tag, _weights_from_checkpoint(cfg, universal_tag), skips
+
+
+def check_new_skips(
+    asked: list | None, saved: list | None, consumed_samples: int, root: str
+) -> None:
+    """Skip ranges the run config adds on a resume must lie ahead of it: a range before the
+    resume point would shift every later sample instead (a rollback goes back first)."""
+    first_unread = SkippedSamples(saved).index(consumed_samples)
+    for a, b in asked or []:
+        if a < first_unread and not any(sa <= a and b <= sb for sa, sb in saved or []):
+            raise UserError(
+                f"train.skip_samples [{a}, {b}]: the checkpoint this run resumes from has already "
+                f"read the samples before {first_unread}; to skip these, go back first: "
+                f"megatron-ext rollback --checkpoint {root} --to ITER --skip-samples {a}:{b}"
+            )
 
 
 def _universal_tag(cfg: RunConfig) -> str | None:
@@ -315,7 +331,8 @@ def _train(cfg: RunConfig, stop: StopConditions, hooks: list) -> dict:
     model_config = cfg.model
     baseline_rss_mb = start_rss_tracking()  # what the model, optimizer and steps add comes after
     checkpointing.reset_async_state()
-    universal_tag, uninitialised, cfg.train.skip_samples = checkpointing.on_rank0(
+    asked_skips = cfg.train.skip_samples
+    universal_tag, uninitialised, (cfg.train.skip_samples, saved_skips) = checkpointing.on_rank0(
         lambda: _start_plan(cfg)
     )  # skips a rollback recorded in the checkpoint it resumes from are kept
     if cfg.train.preflight:
@@ -331,6 +348,7 @@ def _train(cfg: RunConfig, stop: StopConditions, hooks: list) -> dict:
     train_ds = without_skipped(train_ds, cfg.train.skip_samples)
     skipped = SkippedSamples(cfg.train.skip_samples)
     state = _resume(engine, cfg, universal_tag, uninitialised)
+    check_new_skips(asked_skips, saved_skips, state.consumed_samples, cfg.checkpoint.dir)
     guard = spikes.install(cfg.train.spikes, engine)
     spike_log = spikes.SpikeLog(cfg.train.spikes)
     metrics = MetricsWriter(

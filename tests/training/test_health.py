@@ -47,6 +47,9 @@ def test_failing_links_and_stragglers_are_named():
     assert "rank 1 on nid2: send/recv 0.2 GB/s < minimum 1 GB/s" in text
     assert "rank 2 on nid3: its device cuda:0 fails" in text and "--exclude nid2,nid3" in text
     assert "rank 0" not in text and preflight.failing(rows[:1], floor=1.0) is None
+    group = preflight.failing([dict(r, device_problem=None) for r in rows], floor=6.0)
+    assert "all-reduce over 3 ranks: 5 GB/s < minimum 6 GB/s" in group  # names no rank
+    assert "rank 0 on nid1" not in group and "rank 1 on nid2: send/recv" in group
 
     times = [
         {"rank": r, "host": f"n{r}", "stage": r % 2, "forward_ms": f, "backward_ms": 2 * f}
@@ -193,6 +196,7 @@ def test_preflight_names_the_slow_ranks(fi_dataset, tmp_path):
     )
     assert proc.returncode == 5, proc.stderr[-3000:]
     host = socket.gethostname()
-    assert f"rank 0 on {host}: all-reduce" in proc.stderr and f"rank 1 on {host}" in proc.stderr
+    assert f"rank 0 on {host}: send/recv" in proc.stderr and f"rank 1 on {host}" in proc.stderr
+    assert "all-reduce over 2 ranks" in proc.stderr
     assert f"--exclude {host}" in proc.stderr
     assert not list((tmp_path / "slow").glob("iter_*"))
