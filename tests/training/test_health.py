@@ -35,6 +35,13 @@ def test_skipped_samples_map_stream_positions_to_global_indices():
     for bad in ([[3, 3]], [[0, 4], [2, 6]], [[5, 8], [0, 2]], [[-1, 2]]):
         with pytest.raises(UserError, match="skip_samples"):
             check_skip_samples(bad)
+    # a resume at consumed_samples 1000 takes new ranges ahead of it, or ones already saved
+    from megatron_ext.training.trainer import check_new_skips
+
+    check_new_skips([[2000, 2100]], None, 1000, "d")
+    check_new_skips([[500, 600]], [[400, 700]], 1000, "d")
+    with pytest.raises(UserError, match="already read the samples before 1000.*rollback"):
+        check_new_skips([[500, 600]], None, 1000, "d")
 
 
 def test_failing_links_and_stragglers_are_named():
