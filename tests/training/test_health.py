@@ -207,3 +207,66 @@ def test_preflight_names_the_slow_ranks(fi_dataset, tmp_path):
     assert "all-reduce over 2 ranks" in proc.stderr
     assert f"--exclude {host}" in proc.stderr
     assert not list((tmp_path / "slow").glob("iter_*"))
+
+
+class _FakeDS:
+    """What SpikeGuard reads of DeepSpeed's pipeline engine and its ZeRO optimizer."""
+
+    def __init__(self, device):
+        self.total_loss, self.device = None, device
+        self.optimizer = type("Zero", (), {"_global_grad_norm": None})()
+
+    def is_last_stage(self):
+        return True
+
+    def gradient_accumulation_steps(self):
+        return 2
+
+
+def _judge_steps(rank, world_size, device_name):
+    """Both DP ranks judge 8 ordinary steps and one spike; their own losses and grad norms
+    differ (the norm by a rounding), their verdicts and windows must not. On a GPU every
+    judgement runs with synchronising CUDA calls turned into errors."""
+    from types import SimpleNamespace
+
+    from megatron_ext.training.config import SpikeConfig
+    from megatron_ext.training.spikes import SpikeGuard
+
+    device = torch.device(device_name)
+    ds = _FakeDS(device)
+    engine = SimpleNamespace(ds=ds, ctx=SimpleNamespace(tp_rank=0, dp_size=world_size))
+    guard = SpikeGuard(SpikeConfig(window=8), engine, device)
+    flags = []
+    for step in range(10):
+        loss = 4.0 - 0.05 * step + 0.01 * rank + (300.0 if step == 8 else 0.0)
+        ds.total_loss = torch.tensor(2 * loss, device=device)  # summed over 2 micro-batches
+        ds.optimizer._global_grad_norm = torch.tensor(1.0 + 0.02 * (step % 3) + 1e-7 * rank)
+        ds.optimizer._global_grad_norm = ds.optimizer._global_grad_norm.to(device)
+        guard.begin()
+        if device.type == "cuda":
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            guard.decide()
+        finally:
+            if device.type == "cuda":
+                torch.cuda.set_sync_debug_mode("default")
+        flags.append(guard.spiked() is not None)
+    return flags, guard.values.cpu(), guard.good.cpu()
+
+
+@pytest.mark.distributed
+def test_every_rank_judges_the_same_spike():
+    from tests.distributed_utils import run_distributed_test
+
+    (flags, values, good), (flags1, values1, good1) = run_distributed_test(_judge_steps, 2, "cpu")
+    assert flags == flags1 == [False] * 8 + [True, False]
+    assert torch.equal(values, values1) and torch.equal(good, good1)
+    assert values[0, 0].item() == pytest.approx(4.005)  # the DP mean of the two ranks' losses
+
+
+@pytest.mark.gpu
+def test_the_spike_judgement_never_waits_for_the_gpu():
+    from tests.distributed_utils import run_distributed_test
+
+    ((flags, _, _),) = run_distributed_test(_judge_steps, 1, "cuda", accelerator="auto")
+    assert flags == [False] * 8 + [True, False]
