@@ -113,6 +113,11 @@ setup(
         # `megatron-ext eval` and the quickstart: lm-evaluation-harness on converted models
         "transformers>=4.44",
         "lm-eval[hf]>=0.4.13,<0.5",
+        # `megatron-ext curate`: mojibake repair, MinHash/LSH, language identification (its
+        # model ships in the package: nothing is downloaded)
+        "ftfy>=6.2",
+        "datasketch>=1.6",
+        "py3langid>=0.3",
     ],
     extras_require={
         "test": [

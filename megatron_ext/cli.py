@@ -16,6 +16,10 @@ MAX_ERROR_CHARS = 4000
 
 # name -> (module, one-line help). Modules are imported only when their command runs.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "curate": (
+        "megatron_ext.curate.curate_cli",
+        "deduplicate, filter and PII-mask a corpus before preprocessing",
+    ),
     "preprocess": ("megatron_ext.data.preprocess_cli", "tokenize corpora into .bin/.idx datasets"),
     "train-tokenizer": ("megatron_ext.data.tokenizer_cli", "train a BPE or unigram tokenizer"),
     "merge-datasets": ("megatron_ext.data.merge_cli", "concatenate indexed datasets"),

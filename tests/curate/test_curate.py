@@ -1,0 +1,160 @@
+"""`megatron-ext curate`: each step on documents made to trip it, and the command end to end on
+the bundled Finnish sample (deterministic across worker counts, no partial output)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+import subprocess
+import sys
+
+import pytest
+
+from megatron_ext.curate import config as curate_config
+from megatron_ext.curate import dedup, text
+from megatron_ext.curate.pipeline import curate
+from megatron_ext.demo.gimp_corpus import sample_corpus_path
+from megatron_ext.errors import UserError
+
+PII = curate_config.PiiConfig()
+ENGLISH = (
+    "The committee met on Tuesday to discuss the budget for next year, and after a long debate "
+    "about roads, schools and the new library the members agreed to postpone the decision until "
+    "the auditors have finished their report on the spending of the previous council, which "
+    "several residents had questioned at the public meeting in March."
+)
+
+
+@pytest.mark.parametrize(
+    "code, valid",
+    [
+        ("131052-308T", True),  # the Digital and Population Data Services Agency's example
+        ("131052-308U", False),  # wrong control character
+        ("010594Y9021", True),  # a century sign of the 2023 reform (Y: 1900s)
+        ("010594Y9033", False),
+        ("311399-000A", False),  # month 13, individual number 000
+    ],
+)
+def test_henkilotunnus_is_masked_only_with_its_control_character(code, valid):
+    masked, counts = text.mask_pii(f"Henkilötunnus {code} on salainen.", PII)
+    assert (masked == "Henkilötunnus <HETU> on salainen.") == valid
+    assert counts["hetu"] == int(valid)
+
+
+def test_contact_details_are_masked():
+    doc = (
+        "Soita numeroon 040 123 4567 tai +358 9 1234 5678, kirjoita osoitteeseen "
+        "matti.meikalainen@example.fi, palvelin 192.168.10.254, tili FI21 1234 5600 0007 85. "
+        "Virheellinen tili FI21 1234 5600 0007 86 ja versio 1.2.3 jäävät."
+    )
+    masked, counts = text.mask_pii(doc, PII)
+    assert counts == {"phone": 2, "email": 1, "ip": 1, "iban": 1}
+    assert "<EMAIL>" in masked and "<IBAN>" in masked and "FI21 1234 5600 0007 86" in masked
+    assert "versio 1.2.3" in masked and "040" not in masked
+    heading = "5.11.3.1. Valinnat\nOsoite 10.0.0.1. Loppu"  # a section number, then an address
+    assert text.mask_pii(heading, PII)[0] == "5.11.3.1. Valinnat\nOsoite <IP>. Loppu"
+
+
+def _finnish(seed: int, words: int = 120) -> str:
+    vocab = ("talo kissa ja on ei se että oli kun mutta kirja metsä järvi kaupunki ihminen "
+             "aurinko sade tuuli ystävä koulu työ päivä ilta aamu").split()  # fmt: skip
+    rng = random.Random(seed)
+    return " ".join(rng.choice(vocab) for _ in range(words)) + "."
+
+
+def test_quality_rules_name_the_rule_broken():
+    q = curate_config.QualityConfig()
+    assert text.quality_problem(_finnish(1), q) is None
+    assert "word count" in text.quality_problem("Liian lyhyt teksti.", q)
+    assert "digit ratio" in text.quality_problem(" ".join(["12345 678"] * 60), q)
+    bullets = "\n".join(f"- kohta {i} on tässä ja se on hyvä asia" for i in range(40))
+    assert "bullet lines" in text.quality_problem(bullets, q)
+    assert "function words" in text.quality_problem(ENGLISH, q)
+
+
+def test_near_duplicates_cluster_and_keep_the_first():
+    base = _finnish(3, 300).split()
+    swapped = list(base)
+    swapped[10], swapped[11] = swapped[11], swapped[10]  # a swap: Jaccard ~0.98
+    trimmed = base[: int(len(base) * 0.5)]  # half the text: Jaccard ~0.5, not a duplicate
+    docs = [" ".join(base), _finnish(4, 300), " ".join(swapped), " ".join(trimmed)]
+    assert dedup.near_duplicates(docs, curate_config.NearDedupConfig()) == {2: 0}
+
+
+def _write_corpus(path, docs: list[str]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for i, d in enumerate(docs):
+            f.write(
+                json.dumps({"id": f"d{i}", "text": d, "url": f"u{i}"}, ensure_ascii=False) + "\n"
+            )
+
+
+def test_each_step_removes_what_it_should(tmp_path):
+    banner = "Tämä sivu käyttää evästeitä, jotta palvelu toimisi paremmin."
+    task = json.loads((sample_corpus_path().parents[0] / "tasks" / "fi_gimp_generation" /
+                       "task.json").read_text())  # fmt: skip
+    example = next(e for e in task["examples"] if len(f"{e['input']} {e['target']}".split()) >= 13)
+    answer = example["target"]
+    docs = [_finnish(i) + f"\n{banner}" for i in range(12)]
+    docs += [docs[0].replace(banner, "").strip()]  # 12: doc 0 once its banner is gone
+    docs += ["Lyhyt."]  # 13: quality
+    docs += [ENGLISH + " Se on ja ei."]  # 14: passes the function-word rule, English
+    docs += [_finnish(40) + f" {example['input']} {answer} " + _finnish(41)]  # 15: contaminated
+    docs += [_finnish(50) + " Soita 040 123 4567."]  # 16: kept, masked
+    docs += [docs[1]]  # 17: an exact copy
+    (tmp_path / "in").mkdir()
+    _write_corpus(tmp_path / "in" / "a.jsonl", docs)
+    (tmp_path / "in" / "a.jsonl").open("a").write("{broken json\n")
+    report = curate([str(tmp_path / "in")], str(tmp_path / "out"), curate_config.CurateConfig())
+    removed = {r["id"]: r for r in map(json.loads, open(tmp_path / "out/removed/removed.jsonl"))}
+    assert removed["d13"]["step"] == "quality" and "word count" in removed["d13"]["reason"]
+    assert removed["d14"]["step"] == "language"
+    assert (
+        removed["d15"]["step"] == "decontaminate"
+        and "fi_gimp_generation" in removed["d15"]["matched"]
+    )
+    kept = [json.loads(line) for line in open(tmp_path / "out/kept/shard-00000.jsonl")]
+    by_id = {k["id"]: k for k in kept}
+    assert all(banner not in k["text"] for k in kept)  # in 12 documents: boilerplate
+    assert removed["d17"]["step"] == "exact_dedup" and removed["d17"]["matched"] == "d1"
+    assert removed["d12"]["step"] == "near_dedup" and removed["d12"]["matched"] == "d0"
+    assert "<PHONE>" in by_id["d16"]["text"] and by_id["d16"]["url"] == "u16"
+    assert [k["id"] for k in kept] == sorted(by_id, key=lambda i: int(i[1:]))  # input order
+    assert report["skipped_records"] == {"malformed JSON": 1} and report["pii_masked"] == {
+        "phone": 1
+    }
+    assert (tmp_path / "out/report.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(UserError, match="exists"):
+        curate([str(tmp_path / "in")], str(tmp_path / "out"), curate_config.CurateConfig())
+
+
+def test_bad_config_is_refused_before_any_work(tmp_path):
+    for body, why in [("near_dedup: {threshold: 1.5}", "threshold"),
+                      ("quality: {min_wrds: 3}", "unknown key"),
+                      ("near_dedup: {num_perm: 100, bands: 16}", "multiple of bands")]:  # fmt: skip
+        path = tmp_path / "c.yaml"
+        path.write_text(body)
+        with pytest.raises(UserError, match=why):
+            curate_config.load(str(path))
+
+
+def test_the_bundled_sample_is_the_same_with_one_or_two_workers(tmp_path):
+    sample = tmp_path / "fi.jsonl.gz"
+    rows = [json.loads(line) for line in gzip.open(sample_corpus_path(), "rt")]
+    with gzip.open(sample, "wt", encoding="utf-8") as f:
+        for row in rows + rows[:20]:  # 20 exact duplicates
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    outs = []
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        cmd = [sys.executable, "-m", "megatron_ext", "curate", "--input", str(sample),
+               "--output", str(out), "--workers", str(workers)]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outs.append(out)
+        assert "documents kept" in proc.stdout
+    a, b = (sorted(p.relative_to(o) for p in o.rglob("*.jsonl")) for o in outs)
+    assert a == b and all((outs[0] / p).read_bytes() == (outs[1] / p).read_bytes() for p in a)
+    report = json.loads((outs[0] / "report.json").read_text())
+    assert report["documents"] == 221 and report["removed_by_step"]["exact_dedup"] == 20
