@@ -62,6 +62,7 @@ def _traps(rank, world_size, tmp):
         "shm_disabled": deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] is False,
         "init_s": init_s,
         "optimizer": type(engine.ds.optimizer.optimizer).__name__,
+        "torch_adamw": isinstance(engine.ds.optimizer.optimizer, torch.optim.AdamW),
         "zero_stage": engine.ds.zero_optimization_stage(),
         "seed_layers": module.seed_layers,
         "ckpt_func": module.activation_checkpoint_func.__name__,
@@ -92,7 +93,9 @@ def test_deepspeed_traps_are_handled(tmp_path):
     r0, r1 = run_distributed_test(_traps, 2, str(tmp_path), timeout_s=180)
     for r in (r0, r1):
         assert r["shm_disabled"] and r["init_s"] < 20  # no 36-73 s shm comm JIT
-        assert r["optimizer"] == "AdamW"  # torch's, never FusedAdam (JIT ~100 s)
+        # torch's (our SkippableAdamW: a loss spike can cancel its step), never FusedAdam (JIT
+        # ~100 s)
+        assert r["optimizer"] == "SkippableAdamW" and r["torch_adamw"]
         assert r["zero_stage"] == 1  # bf16 + ZeRO-0 cannot reload; ZeRO-2/3 refuse pipelines
         assert r["seed_layers"] is False  # seed_layers passes numpy ints to random.seed
         assert r["ckpt_func"] == "checkpoint_replaying_tracker"  # non-reentrant: embedding works

@@ -12,6 +12,7 @@ from megatron_ext.training.engine import build_optimizer, deepspeed_config
 from megatron_ext.training.metrics import MetricsWriter, read_metrics
 from megatron_ext.training.pipeline import layer_param_counts, partition_report
 from megatron_ext.training.schedule import learning_rate
+from megatron_ext.training.spikes import SkippableAdamW
 
 
 def test_partition_by_parameters_counts_embedding_and_head():
@@ -33,7 +34,7 @@ def test_optimizer_has_no_weight_decay_on_biases_and_norms():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
     cfg = RunConfig()
     opt = build_optimizer(model, cfg)
-    assert type(opt) is torch.optim.AdamW
+    assert type(opt) is SkippableAdamW and isinstance(opt, torch.optim.AdamW)
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == cfg.optim.weight_decay and len(decay["params"]) == 1
     assert no_decay["weight_decay"] == 0.0 and len(no_decay["params"]) == 3
