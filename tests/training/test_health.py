@@ -11,6 +11,7 @@ import json
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -270,3 +271,25 @@ def test_the_spike_judgement_never_waits_for_the_gpu():
 
     ((flags, _, _),) = run_distributed_test(_judge_steps, 1, "cuda", accelerator="auto")
     assert flags == [False] * 8 + [True, False]
+
+
+def _profile_a_cuda_step(rank, world_size, out):
+    from types import SimpleNamespace
+
+    profiler = diagnostics.Profiler(
+        [1, 1], [0], SimpleNamespace(checkpoint=SimpleNamespace(dir=out))
+    )
+    run = SimpleNamespace(step=1)
+    profiler.before_step(run)
+    x = torch.randn(256, 256, device="cuda")
+    (x @ x).sum().item()
+    profiler.after_step(run, {})
+    return sorted(p.name for p in (Path(out) / "profile").iterdir())
+
+
+@pytest.mark.gpu
+def test_the_profiler_writes_a_cuda_trace_and_memory_snapshot(tmp_path):
+    from tests.distributed_utils import run_distributed_test
+
+    (names,) = run_distributed_test(_profile_a_cuda_step, 1, str(tmp_path), accelerator="auto")
+    assert "memory_rank0.pickle" in names and any(n.endswith(".pt.trace.json") for n in names)
