@@ -44,7 +44,8 @@ class Doc:
     text: str
     id: str
     removed: dict | None = None
-    pii: Counter = field(default_factory=Counter)
+    problems: dict = field(default_factory=dict)  # quality/language: the rule broken, or None
+    mixed: bool = False  # paragraphs in more than one language
 
 
 def read_documents(inputs: list[str], cfg: CurateConfig, strict: bool) -> tuple[list[Doc], Counter]:
@@ -88,22 +89,21 @@ def _records(chunk, key: str):
         yield chunk.first_line + offset, obj
 
 
-def _per_document(args) -> tuple[str, str | None, str | None, dict]:
-    """(normalised and masked text, quality problem, language problem, extra) of one document:
+def _per_document(args) -> tuple[str, str | None, str | None, bool]:
+    """(normalised text, quality problem, language problem, mixed languages) of one document:
     the steps that need no other document, run in the workers."""
     body, cfg = args
     if cfg.normalise.enabled:
         body = text.normalise(body, cfg.normalise)
     quality = text.quality_problem(body, cfg.quality) if cfg.quality.enabled else None
-    language, extra = None, {}
+    language, mixed = None, False
     if cfg.language.enabled:
-        best, prob, score = text.language_score(body, cfg.language.language)
-        extra["language"] = {"best": best, "probability": round(prob, 4), "score": round(score, 4)}
+        best, _, score = text.language_score(body, cfg.language.language)
         if score < cfg.language.min_score:
             language = f"{cfg.language.language} probability {score:.2f} (most likely {best})"
-        elif cfg.language.report_mixed and len(text.paragraph_languages(body)) > 1:
-            extra["mixed"] = True
-    return body, quality, language, extra
+        elif cfg.language.report_mixed:
+            mixed = len(text.paragraph_languages(body)) > 1
+    return body, quality, language, mixed
 
 
 def _remove(doc: Doc, step: str, reason: str, matched: str | None = None) -> None:
@@ -129,29 +129,25 @@ def curate(
             results = list(pool.map(_per_document, per_doc, chunksize=64))
     else:
         results = [_per_document(a) for a in per_doc]
-    pending = {}
-    mixed = 0
-    for doc, (body, quality, language, extra) in zip(docs, results, strict=True):
-        doc.text = body
-        pending[id(doc)] = (quality, language)
-        mixed += bool(extra.get("mixed"))
+    for doc, (body, quality, language, mixed) in zip(docs, results, strict=True):
+        doc.text, doc.problems, doc.mixed = body, {"quality": quality, "language": language}, mixed
     _exact_and_lines(docs, cfg, stats)
     live = [d for d in docs if d.removed is None]
     if cfg.near_dedup.enabled:
         for i, kept in dedup.near_duplicates([d.text for d in live], cfg.near_dedup).items():
             _remove(live[i], "near_dedup", "MinHash near-duplicate", live[kept].id)
     stats["near_dedup"] = _tally(docs)
-    for step, which in (("quality", 0), ("language", 1)):
+    for step in ("quality", "language"):
         for d in docs:
-            if d.removed is None and pending[id(d)][which] is not None:
-                _remove(d, step, pending[id(d)][which])
+            if d.removed is None and d.problems[step] is not None:
+                _remove(d, step, d.problems[step])
         stats[step] = _tally(docs)
     pii = Counter()
     if cfg.pii.enabled:
         for d in docs:
             if d.removed is None:
-                d.text, d.pii = text.mask_pii(d.text, cfg.pii)
-                pii.update(d.pii)
+                d.text, counts = text.mask_pii(d.text, cfg.pii)
+                pii.update(counts)
     _decontaminate(docs, cfg)
     stats["decontaminate"] = _tally(docs)
     report = {
@@ -162,7 +158,7 @@ def curate(
         "steps": stats,
         "removed_by_step": dict(Counter(d.removed["step"] for d in docs if d.removed)),
         "pii_masked": dict(pii),
-        "mixed_language_documents": mixed,
+        "mixed_language_documents": sum(d.mixed for d in docs),
         "seconds": round(time.perf_counter() - started, 2),
     }
     _write(out, docs, cfg, report)

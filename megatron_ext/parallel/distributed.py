@@ -145,6 +145,14 @@ def is_communication_failure(exc: BaseException) -> bool:
     return any(pattern in text for pattern in _FAILURE_PATTERNS)
 
 
+def all_agree(ok: bool) -> bool:
+    """True when OK on every rank (collective; a CPU tensor: gloo carries it beside NCCL/RCCL,
+    so a rank whose GPU fails can still answer)."""
+    flag = torch.tensor([0 if ok else 1], dtype=torch.int64)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item()) == 0
+
+
 HOST_BYTES = 64
 
 

@@ -44,6 +44,7 @@ from megatron_ext.errors import UserError
 from megatron_ext.filelock import FileLock, LockHeld
 from megatron_ext.log import get_logger
 from megatron_ext.parallel import distributed
+from megatron_ext.parallel.distributed import all_agree
 
 log = get_logger(__name__)
 
@@ -270,7 +271,7 @@ def _wait_for_previous(engine) -> None:
     if dist.get_rank() == 0 and _FINALISE_ERROR:
         error = error or _FINALISE_ERROR[-1]
     _FINALISE_ERROR.clear()
-    if not _agree(error is None):
+    if not all_agree(error is None):
         raise UserError(
             error
             or "another rank's asynchronous checkpoint write failed (its log names the "
@@ -397,14 +398,7 @@ def lock_run_dir(root: str) -> FileLock | None:
     """One run per checkpoint directory (collective): rank 0 takes ROOT/.run.lock and holds it
     until `release_run_dir`; when another run holds it every rank raises a UserError naming that
     run's host and process. The lock dies with its process: a crashed run leaves none behind."""
-    lock, held_by = None, None
-    if dist.get_rank() == 0:
-        Path(root).mkdir(parents=True, exist_ok=True)
-        lock = FileLock(Path(root) / RUN_LOCK, poll_seconds=0.1, timeout=0, log_every=1e9)
-        try:
-            lock.__enter__()
-        except LockHeld:
-            held_by, lock = lock.holder(), None
+    lock, held_by = take_run_lock(root) if dist.get_rank() == 0 else (None, None)
     box = [held_by]
     dist.broadcast_object_list(box, src=0)
     if box[0] is not None:
@@ -415,15 +409,20 @@ def lock_run_dir(root: str) -> FileLock | None:
     return lock
 
 
+def take_run_lock(root: str | Path) -> tuple[FileLock | None, str | None]:
+    """(ROOT/.run.lock, held now, None) or (None, who holds it): no waiting, one process."""
+    Path(root).mkdir(parents=True, exist_ok=True)
+    lock = FileLock(Path(root) / RUN_LOCK, poll_seconds=0.1, timeout=0, log_every=1e9)
+    try:
+        lock.__enter__()
+    except LockHeld:
+        return None, lock.holder()
+    return lock, None
+
+
 def release_run_dir(lock: FileLock | None) -> None:
     if lock is not None:
         lock.__exit__(None, None, None)
-
-
-def _agree(ok: bool) -> bool:
-    flag = torch.tensor([0 if ok else 1], dtype=torch.int64)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return int(flag.item()) == 0
 
 
 def on_rank0(fn):
@@ -471,7 +470,7 @@ def load(
     tags = [universal_tag] if universal_tag else [only_tag] if only_tag else candidates(root_p)
     for tag in tags:
         problem = None if universal_tag else _verified_once(root_p / tag)
-        if not _agree(problem is None):
+        if not all_agree(problem is None):
             problem = problem or "incomplete on another rank"
             log.warning("checkpoint %s skipped: %s; trying an older one", root_p / tag, problem)
             failures.append(f"{root_p / tag}: {problem}")
@@ -490,7 +489,7 @@ def load(
             error = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
             failures.append(f"{root_p / tag}: failed to load: {type(exc).__name__}: {error}")
             ok = False
-        if not _agree(ok):
+        if not all_agree(ok):
             log.warning("checkpoint %s not usable on every rank; trying an older one", root_p / tag)
             if ok:
                 failures.append(f"{root_p / tag}: failed to load on another rank")
@@ -503,7 +502,7 @@ def load(
                 log.warning("checkpoint %s failed to load: %s", root_p / tag, exc)
                 failures.append(f"{root_p / tag}: failed to load: {exc}")
                 state = None
-            if not _agree(state is not None):
+            if not all_agree(state is not None):
                 if state is not None:
                     failures.append(f"{root_p / tag}: failed to load on another rank")
                 continue

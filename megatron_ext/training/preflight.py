@@ -35,7 +35,7 @@ def check(min_gbps: float | None = None, nbytes: int | None = None) -> list[dict
     nbytes = nbytes or (64 if device.type == "cuda" else 4) * 2**20
     started = time.perf_counter()
     problem = _device_problem(device)
-    if not _all_ok(problem is None):
+    if not distributed.all_agree(problem is None):
         rows = _gather(problem, 0.0, 0.0)
     elif dist.get_world_size() == 1:
         rows = [_row(0, socket.gethostname(), None, float("inf"), float("inf"))]
@@ -97,12 +97,6 @@ def _device_problem(device: torch.device) -> str | None:
     except RuntimeError as exc:
         return f"its device {device} fails: {str(exc).splitlines()[0][:200]}"
     return None
-
-
-def _all_ok(ok: bool) -> bool:
-    flag = torch.tensor([0 if ok else 1], dtype=torch.int64)  # a CPU tensor: through gloo
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return not flag.item()
 
 
 def _timed(fn, device: torch.device) -> float:

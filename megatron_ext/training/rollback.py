@@ -21,9 +21,8 @@ from megatron_ext import checkpoint_format
 from megatron_ext.checkpoint_format import Manifest, list_checkpoints, tag_of
 from megatron_ext.config import dump_yaml, read_yaml
 from megatron_ext.errors import UserError
-from megatron_ext.filelock import FileLock, LockHeld
 from megatron_ext.log import get_logger
-from megatron_ext.training.checkpointing import RUN_LOCK
+from megatron_ext.training.checkpointing import release_run_dir, take_run_lock
 from megatron_ext.training.config import check_skip_samples
 from megatron_ext.training.data import SkippedSamples, merge_skips
 
@@ -57,15 +56,13 @@ def parse_range(text: str) -> list[int]:
 def run(args: argparse.Namespace) -> int:
     root, ranges = Path(args.checkpoint), [parse_range(s) for s in args.skip_samples]
     tag = tag_of(args.to)
-    lock = FileLock(root / RUN_LOCK, poll_seconds=0.1, timeout=0, log_every=1e9)
-    try:
-        lock.__enter__()
-    except LockHeld:
-        raise UserError(f"{root} is in use by a run ({lock.holder()}): stop it first") from None
+    lock, held_by = take_run_lock(root)
+    if held_by is not None:
+        raise UserError(f"{root} is in use by a run ({held_by}): stop it first")
     try:
         aside = rollback(root, tag, ranges, args.reason)
     finally:
-        lock.__exit__(None, None, None)
+        release_run_dir(lock)
     print(f"{root}: {tag} is latest; later checkpoints and metrics moved to {aside}")
     return 0
 

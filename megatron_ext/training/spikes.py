@@ -145,23 +145,27 @@ class SpikeLog:
             "optimizer step skipped" if skipped else "logged only (train.spikes.action=log)",
         )
 
-    def too_many(self, step: int, checkpoints: list[str]) -> str | None:
-        """The stop message when max_spikes spikes fell within the last max_spikes_window steps
-        (CHECKPOINTS: the run's checkpoint tags, for the rollback it proposes)."""
+    def too_many(self, step: int) -> list | None:
+        """The spikes of the last max_spikes_window steps when there are max_spikes of them."""
         k, window = self.cfg.max_spikes, self.cfg.max_spikes_window
         recent = [(s, r) for s, r in self.spikes if s > step - window]
-        if not k or len(recent) < k:
-            return None
+        return recent if k and len(recent) >= k else None
+
+    def stop_message(self, recent: list, root: str, checkpoints: list[str]) -> str:
+        """Why the run stops, and the rollback to the newest of CHECKPOINTS before the spikes."""
         listed = "; ".join(f"step {s}: samples {_ranges_text(r)}" for s, r in recent)
         skips = " ".join(f"--skip-samples {a}:{b}" for _, r in recent for a, b in r)
-        before = [int(t.removeprefix("iter_")) for t in checkpoints]
-        before = [i for i in before if i < recent[0][0]]
+        first = recent[0][0]
+        before = [i for i in (int(t.removeprefix("iter_")) for t in checkpoints) if i < first]
         to = (
-            f"megatron-ext rollback --checkpoint DIR --to {max(before)} {skips}, then resume"
+            f"megatron-ext rollback --checkpoint {root} --to {max(before)} {skips}, then resume"
             if before
-            else f"no checkpoint is older than step {recent[0][0]} to roll back to"
+            else f"no checkpoint is older than step {first} to roll back to"
         )
-        return f"{len(recent)} loss spikes within {window} steps ({listed}). To train on without those samples: {to}"
+        return (
+            f"{len(recent)} loss spikes within {self.cfg.max_spikes_window} steps ({listed}). "
+            f"To train on without those samples: {to}"
+        )
 
 
 def _ranges_text(ranges: list[tuple[int, int]]) -> str:

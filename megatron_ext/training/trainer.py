@@ -298,15 +298,17 @@ def _save(engine: Engine, cfg: RunConfig, state: TrainState, keep: int | None = 
 
 def _stop_on_spikes(engine: Engine, cfg: RunConfig, state: TrainState, spike_log) -> None:
     """Too many spikes close together (every rank judged the same ones): save and stop."""
-    if not spike_log.too_many(state.iteration, []):
+    recent = spike_log.too_many(state.iteration)
+    if recent is None:
         return
     _save(engine, cfg, state, keep=0)  # no rotation: the checkpoints before the spikes stay
     checkpointing.finish_saves(engine, cfg)
-    tags = checkpointing.on_rank0(lambda: checkpointing.list_checkpoints(Path(cfg.checkpoint.dir)))
-    message = spike_log.too_many(state.iteration, tags)
-    message = message.replace("--checkpoint DIR", f"--checkpoint {cfg.checkpoint.dir}")
-    tag = checkpointing.tag_of(state.iteration)
-    raise spikes.LossSpikeError(f"{message}. Saved {tag} in {cfg.checkpoint.dir}")
+    root = cfg.checkpoint.dir
+    tags = checkpointing.on_rank0(lambda: checkpointing.list_checkpoints(Path(root)))
+    message = spike_log.stop_message(recent, root, tags)
+    raise spikes.LossSpikeError(
+        f"{message}. Saved {checkpointing.tag_of(state.iteration)} in {root}"
+    )
 
 
 def train(cfg: RunConfig, stop: StopConditions | None = None, hooks: list | None = None) -> dict:

@@ -69,7 +69,7 @@ def _agreements(rank, world_size):
     from megatron_ext.training.trainer import _stop_reason
 
     no_stop = _stop_reason(StopConditions(None, None))
-    agreed = checkpointing._agree(rank == 0)  # rank 1 disagrees: False everywhere
+    agreed = checkpointing.all_agree(rank == 0)  # rank 1 disagrees: False everywhere
     gathered: list = [None] * world_size
     dist.all_gather_object(gathered, {"rank": rank})
     accelerator_only = dist.new_group(list(range(world_size)), backend=CUDA_ONLY_BACKEND)
@@ -161,7 +161,7 @@ def _agreements_without_stand_in(rank, world_size):
     from megatron_ext.training.stopping import StopConditions
     from megatron_ext.training.trainer import _stop_reason
 
-    return _stop_reason(StopConditions(None, None)), checkpointing._agree(True)
+    return _stop_reason(StopConditions(None, None)), checkpointing.all_agree(True)
 
 
 @pytest.mark.gpu
