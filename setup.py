@@ -116,7 +116,7 @@ setup(
         # `megatron-ext curate`: mojibake repair, MinHash/LSH, language identification (its
         # model ships in the package: nothing is downloaded)
         "ftfy>=6.2",
-        "datasketch>=1.6",
+        "rensa>=0.5,<0.6",
         "py3langid>=0.3",
     ],
     extras_require={

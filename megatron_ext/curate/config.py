@@ -100,6 +100,11 @@ class CurateConfig:
     text_key: str = "text"
     id_key: str = "id"
     shard_documents: int = 100_000  # documents per output shard
+    # memory and parallelism (not the result): input files are read in parts of about this
+    # many MB (a file is never split: give a large corpus as several files), and the hashes
+    # are sorted in buckets of about this many MB of input each
+    part_mb: float = 64
+    bucket_mb: float = 128
     normalise: NormaliseConfig = field(default_factory=NormaliseConfig)
     exact_dedup: ExactDedupConfig = field(default_factory=ExactDedupConfig)
     near_dedup: NearDedupConfig = field(default_factory=NearDedupConfig)
@@ -112,6 +117,7 @@ class CurateConfig:
         n, q = self.near_dedup, self.quality
         checks = [
             (self.shard_documents >= 1, "shard_documents must be >= 1"),
+            (self.part_mb > 0 and self.bucket_mb > 0, "part_mb and bucket_mb must be > 0"),
             (0 < n.threshold <= 1, f"near_dedup.threshold={n.threshold} must be in (0, 1]"),
             (
                 n.num_perm >= 2 and n.bands >= 1 and n.num_perm % n.bands == 0,

@@ -1,4 +1,7 @@
-"""`megatron-ext curate --input PATH... --output DIR [--config curate.yaml] [--workers N]`."""
+"""`megatron-ext curate --input PATH... --output DIR [--config curate.yaml] [--workers N]`.
+
+On several nodes, the same command under `srun` or `mpirun`: the ranks share the work through
+DIR.work on a shared file system, and rank 0 writes DIR (`curate.work`)."""
 
 from __future__ import annotations
 
@@ -15,7 +18,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--output", required=True, help="a new directory")
     p.add_argument("--config", default=None, help="curate.yaml (default: the Finnish defaults)")
-    p.add_argument("--workers", type=int, default=1, help="processes for the per-document steps")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes on this node (each unit of work runs in one)",
+    )
     p.add_argument("--strict", action="store_true", help="stop at the first malformed record")
 
 
@@ -24,6 +32,8 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = config.load(args.config)
     report = pipeline.curate(args.input, args.output, cfg, max(1, args.workers), args.strict)
+    if report is None:  # not rank 0 of a multi-node run: rank 0 writes the output
+        return 0
     print(pipeline.report_table(report))
     print(f"{report['kept']:,} of {report['documents']:,} documents kept in {args.output}/kept")
     return 0

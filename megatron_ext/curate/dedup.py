@@ -1,81 +1,160 @@
 """Corpus-level steps: exact document and boilerplate-line deduplication, MinHash near-duplicate
-clusters (datasketch's MinHash and LSH), and n-gram decontamination against evaluation data."""
+clusters, and n-gram decontamination against evaluation data.
+
+The near-duplicate step is built from parts that work on arrays, so `pipeline` can run them per
+hash bucket with bounded memory (`near_duplicates` runs them on a list in memory):
+`signature` (rensa's MinHash of a document's word-shingles) -> `band_keys` (one 64-bit key per
+LSH band) -> `candidate_edges` (documents sharing a band key, verified by their estimated
+Jaccard similarity) -> `clusters` (connected components; the earliest document is kept).
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections import Counter
 from pathlib import Path
+
+import numpy as np
 
 from megatron_ext.curate.text import words
 
-
-def digest(text: str) -> bytes:
-    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
-
-
-def line_counts(texts: list[str], min_chars: int) -> Counter:
-    """How many documents each line (stripped, long enough) occurs in."""
-    counts: Counter = Counter()
-    for text in texts:
-        counts.update(
-            {digest(s) for line in text.split("\n") if len(s := line.strip()) >= min_chars}
-        )
-    return counts
+# A document's global key: its input file's index << 32 | its line (input order = key order).
+LINE_BITS = 32
 
 
-def drop_lines(text: str, counts: Counter, cfg) -> tuple[str, int]:
-    """TEXT without its boilerplate lines; how many were dropped."""
+def digest(text: str) -> int:
+    """A 64-bit hash of TEXT (exact duplicates; boilerplate lines)."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def line_hashes(text: str, min_chars: int) -> set[int]:
+    """The hashes of TEXT's lines (stripped) at least MIN_CHARS long."""
+    return {digest(s) for line in text.split("\n") if len(s := line.strip()) >= min_chars}
+
+
+def drop_lines(text: str, boilerplate, min_chars: int) -> tuple[str, int]:
+    """TEXT without its lines whose hash is in BOILERPLATE; how many were dropped."""
     kept, dropped = [], 0
     for line in text.split("\n"):
         s = line.strip()
-        if len(s) >= cfg.min_line_chars and counts[digest(s)] > cfg.max_line_documents:
+        if len(s) >= min_chars and digest(s) in boilerplate:
             dropped += 1
         else:
             kept.append(line)
     return "\n".join(kept), dropped
 
 
-class _UnionFind:
-    def __init__(self, n: int):
-        self.parent = list(range(n))
+def shingles(text: str, n: int) -> list[str]:
+    """TEXT's distinct lower-cased word N-grams (a text shorter than N words is one shingle)."""
+    ws = words(text.lower())
+    return sorted({" ".join(ws[k : k + n]) for k in range(max(1, len(ws) - n + 1))})
 
-    def find(self, i: int) -> int:
-        while self.parent[i] != i:
-            self.parent[i] = self.parent[self.parent[i]]
-            i = self.parent[i]
-        return i
 
-    def union(self, i: int, j: int) -> None:
-        a, b = self.find(i), self.find(j)
-        if a != b:  # the smaller index (earlier in the input) is the root: the one kept
-            self.parent[max(a, b)] = min(a, b)
+def signature(text: str, cfg) -> np.ndarray:
+    """The MinHash signature (uint32, cfg.num_perm values) of TEXT's word shingles (rensa)."""
+    from rensa import RMinHash
+
+    m = RMinHash(num_perm=cfg.num_perm, seed=cfg.seed)
+    m.update(shingles(text, cfg.shingle_words))
+    return np.asarray(m.digest(), dtype=np.uint32)
+
+
+_MIX = np.uint64(0x9E3779B97F4A7C15)
+
+
+def band_keys(signatures: np.ndarray, bands: int) -> np.ndarray:
+    """[n, bands] uint64: one key per LSH band (its rows mixed into 64 bits; a collision of
+    unequal bands has probability ~2^-64)."""
+    n, perm = signatures.shape
+    rows = signatures.reshape(n, bands, perm // bands).astype(np.uint64)
+    keys = np.zeros((n, bands), dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for r in range(rows.shape[2]):
+            keys = (keys ^ rows[:, :, r]) * _MIX
+            keys ^= keys >> np.uint64(29)
+    return keys
+
+
+def band_entries(keys: np.ndarray, gs: np.ndarray) -> np.ndarray:
+    """[n * bands, 3] uint64 rows (band, key, document key) of documents GS' band KEYS."""
+    n, bands = keys.shape
+    band = np.broadcast_to(np.arange(bands, dtype=np.uint64), (n, bands))
+    g = np.broadcast_to(gs.astype(np.uint64)[:, None], (n, bands))
+    return np.stack([band.ravel(), keys.ravel(), g.ravel()], axis=1)
+
+
+def candidate_groups(entries: np.ndarray) -> list[np.ndarray]:
+    """The documents (sorted keys) of each band bucket holding more than one: LSH candidates."""
+    if len(entries) == 0:
+        return []
+    order = np.lexsort((entries[:, 2], entries[:, 1], entries[:, 0]))
+    e = entries[order]
+    new = np.ones(len(e), dtype=bool)
+    new[1:] = (e[1:, 0] != e[:-1, 0]) | (e[1:, 1] != e[:-1, 1])
+    starts = np.flatnonzero(new)
+    sizes = np.diff(np.append(starts, len(e)))
+    return [e[s : s + k, 2] for s, k in zip(starts, sizes, strict=True) if k > 1]
+
+
+def verified_edges(groups: list[np.ndarray], lookup, threshold: float) -> np.ndarray:
+    """[m, 2] uint64 duplicate pairs (earlier, later) from candidate GROUPS: in key order, a
+    document is compared with the group's documents that matched nothing earlier, and joined to
+    the first whose estimated Jaccard similarity is at least THRESHOLD. LOOKUP(keys) gives the
+    signatures of sorted unique document keys."""
+    edges: list[tuple[int, int]] = []
+    if not groups:
+        return np.zeros((0, 2), dtype=np.uint64)
+    members = np.unique(np.concatenate(groups))
+    sigs = lookup(members)
+    for group in groups:
+        rows = sigs[np.searchsorted(members, group)]
+        reps = [0]
+        for i in range(1, len(group)):
+            same = (rows[reps] == rows[i]).mean(axis=1)
+            hit = np.flatnonzero(same >= threshold)
+            if len(hit):
+                edges.append((int(group[reps[hit[0]]]), int(group[i])))
+            else:
+                reps.append(i)
+    return np.asarray(edges, dtype=np.uint64).reshape(-1, 2)
+
+
+def clusters(edges: np.ndarray) -> np.ndarray:
+    """[m, 2] uint64 rows (removed document, the document kept for it), sorted: the connected
+    components of EDGES, each keeping its earliest document."""
+    if len(edges) == 0:
+        return np.zeros((0, 2), dtype=np.uint64)
+    nodes, idx = np.unique(edges, return_inverse=True)
+    idx = idx.reshape(-1, 2)
+    parent = np.arange(len(nodes))
+
+    def find(i: int) -> int:
+        root = i
+        while parent[root] != root:
+            root = parent[root]
+        while parent[i] != root:
+            parent[i], i = root, parent[i]
+        return root
+
+    for a, b in idx.tolist():
+        ra, rb = find(a), find(b)
+        if ra != rb:  # nodes are sorted: the smaller index is the earlier document
+            parent[max(ra, rb)] = min(ra, rb)
+    roots = np.fromiter((find(i) for i in range(len(nodes))), dtype=np.int64, count=len(nodes))
+    removed = np.flatnonzero(roots != np.arange(len(nodes)))
+    return np.stack([nodes[removed], nodes[roots[removed]]], axis=1)
 
 
 def near_duplicates(texts: list[str], cfg) -> dict[int, int]:
-    """{index of a removed document: index of the document kept in its cluster}. A pair is a
-    duplicate when LSH makes it a candidate and its MinHash Jaccard estimate is at least the
-    threshold; clusters are the connected pairs; the earliest document of a cluster is kept."""
-    from datasketch import MinHash, MinHashLSH
-
-    rows = cfg.num_perm // cfg.bands
-    lsh = MinHashLSH(num_perm=cfg.num_perm, params=(cfg.bands, rows))
-    signatures = []
-    uf = _UnionFind(len(texts))
-    for i, text in enumerate(texts):
-        ws = [w.lower() for w in words(text)]
-        n = cfg.shingle_words
-        shingles = {" ".join(ws[k : k + n]).encode() for k in range(max(1, len(ws) - n + 1))}
-        m = MinHash(num_perm=cfg.num_perm, seed=cfg.seed)
-        m.update_batch(sorted(shingles))
-        signatures.append(m)
-        for key in lsh.query(m):
-            j = int(key)
-            if m.jaccard(signatures[j]) >= cfg.threshold:
-                uf.union(i, j)
-        lsh.insert(str(i), m)
-    return {i: uf.find(i) for i in range(len(texts)) if uf.find(i) != i}
+    """{index of a removed document: index of the document kept in its cluster}, in memory (the
+    pipeline runs the same parts per hash bucket)."""
+    if not texts:
+        return {}
+    sigs = np.stack([signature(t, cfg) for t in texts])
+    gs = np.arange(len(texts), dtype=np.uint64)
+    groups = candidate_groups(band_entries(band_keys(sigs, cfg.bands), gs))
+    edges = verified_edges(groups, lambda keys: sigs[keys.astype(np.int64)], cfg.threshold)
+    return {int(r): int(k) for r, k in clusters(edges)}
 
 
 # ---------------------------------------------------------------- decontamination

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -139,22 +141,81 @@ def test_bad_config_is_refused_before_any_work(tmp_path):
             curate_config.load(str(path))
 
 
-def test_the_bundled_sample_is_the_same_with_one_or_two_workers(tmp_path):
-    sample = tmp_path / "fi.jsonl.gz"
-    rows = [json.loads(line) for line in gzip.open(sample_corpus_path(), "rt")]
-    with gzip.open(sample, "wt", encoding="utf-8") as f:
-        for row in rows + rows[:20]:  # 20 exact duplicates
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    outs = []
-    for workers in (1, 2):
-        out = tmp_path / f"w{workers}"
-        cmd = [sys.executable, "-m", "megatron_ext", "curate", "--input", str(sample),
-               "--output", str(out), "--workers", str(workers)]  # fmt: skip
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        outs.append(out)
-        assert "documents kept" in proc.stdout
-    a, b = (sorted(p.relative_to(o) for p in o.rglob("*.jsonl")) for o in outs)
-    assert a == b and all((outs[0] / p).read_bytes() == (outs[1] / p).read_bytes() for p in a)
-    report = json.loads((outs[0] / "report.json").read_text())
+def _split_sample(tmp_path) -> tuple[Path, Path]:
+    """The bundled sample and 20 exact copies in 4 files, and a config that makes 4 input parts
+    and several hash buckets of them."""
+    rows = gzip.open(sample_corpus_path(), "rt").read().splitlines(keepends=True)
+    rows += rows[:20]
+    (tmp_path / "in").mkdir()
+    for i in range(4):
+        (tmp_path / "in" / f"s{i}.jsonl").write_text("".join(rows[i * 56 : (i + 1) * 56]))
+    cfg = tmp_path / "small.yaml"
+    cfg.write_text("part_mb: 0.05\nbucket_mb: 0.15\n")
+    return tmp_path / "in", cfg
+
+
+def _curate_cmd(inputs, out, cfg, *extra) -> list[str]:
+    return [sys.executable, "-m", "megatron_ext", "curate", "--input", str(inputs),
+            "--output", str(out), "--config", str(cfg), *extra]  # fmt: skip
+
+
+def _same_output(a, b) -> None:
+    files = sorted(p.relative_to(a) for p in a.rglob("*.jsonl"))
+    assert files == sorted(p.relative_to(b) for p in b.rglob("*.jsonl"))
+    for p in files:
+        assert (a / p).read_bytes() == (b / p).read_bytes(), p
+    ra, rb = (json.loads((d / "report.json").read_text()) for d in (a, b))
+    for r in (ra, rb):
+        for k in ("seconds", "step_seconds", "processes"):
+            del r[k]
+    assert ra == rb
+
+
+def test_output_is_the_same_with_workers_ranks_and_after_a_resume(tmp_path):
+    inputs, cfg = _split_sample(tmp_path)
+    one = tmp_path / "one"
+    proc = subprocess.run(_curate_cmd(inputs, one, cfg), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((one / "report.json").read_text())
     assert report["documents"] == 221 and report["removed_by_step"]["exact_dedup"] == 20
+    assert report["parts"] == 4 and report["buckets"] >= 3
+    assert not (tmp_path / "one.work").exists()
+
+    two = tmp_path / "two"
+    proc = subprocess.run(_curate_cmd(inputs, two, cfg, "--workers", "2"), capture_output=True,
+                          text=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _same_output(one, two)
+
+    # two ranks, as srun/mpirun start them (torchrun's variables here)
+    ranked = tmp_path / "ranked"
+    procs = [
+        subprocess.Popen(
+            _curate_cmd(inputs, ranked, cfg),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "RANK": str(r), "WORLD_SIZE": "2"},
+        )  # fmt: skip
+        for r in (0, 1)
+    ]
+    logs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs
+    assert "documents kept" in logs[0] and "documents kept" not in logs[1]  # rank 0 writes
+    _same_output(one, ranked)
+
+    # interrupted after the near-duplicate phase: nothing under the final name; resumed
+    resumed = tmp_path / "resumed"
+    env = {**os.environ, "MEGATRON_EXT_CURATE_EXIT_AFTER": "near"}
+    proc = subprocess.run(_curate_cmd(inputs, resumed, cfg), capture_output=True, text=True,
+                          env=env)  # fmt: skip
+    assert proc.returncode == 9 and not resumed.exists()
+    assert (tmp_path / "resumed.work" / "plan.json").exists()
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(cfg.read_text() + "near_dedup: {threshold: 0.7}\n")
+    proc = subprocess.run(_curate_cmd(inputs, resumed, changed), capture_output=True, text=True)
+    assert proc.returncode != 0 and "another config" in proc.stderr and not resumed.exists()
+    proc = subprocess.run(_curate_cmd(inputs, resumed, cfg), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "scan: 4 of 4 units already done" in proc.stderr
+    _same_output(one, resumed)
