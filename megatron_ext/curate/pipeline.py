@@ -140,6 +140,7 @@ def curate(
     if rank != 0:
         return None
     report = _report(run, time.perf_counter() - started, world * workers)
+    report["ranks"] = work.rank_records()
     _assemble(run, out, report)
     work.finish()
     return report

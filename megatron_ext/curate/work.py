@@ -21,6 +21,7 @@ import json
 import os
 import pickle
 import shutil
+import socket
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
@@ -62,6 +63,7 @@ class Work:
 
     def __post_init__(self) -> None:
         self.started = time.time()  # failure markers older than this are a former attempt's
+        self.units_done = 0
 
     def path(self, *parts: str) -> Path:
         return self.root.joinpath(*parts)
@@ -114,6 +116,10 @@ class Work:
                 for unit in todo:
                     fn(*args, unit)
                     self._mark(phase, unit)
+            self.units_done += len(todo)
+            host = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+            mine_done = {"rank": self.rank, "host": host, "units": self.units_done}
+            write_atomic(self.path("ranks", f"{self.rank}.json"), json.dumps(mine_done).encode())
         except BaseException as exc:
             if self.world > 1:  # the other ranks would wait for this rank's units
                 reason = str(exc) or type(exc).__name__
@@ -142,6 +148,11 @@ class Work:
                 said = time.time()
             time.sleep(delay)
             delay = min(0.5, delay * 2)
+
+    def rank_records(self) -> list[dict]:
+        """Each rank's host and the units it did in this attempt."""
+        return [json.loads(f.read_text()) for f in sorted(self.path("ranks").glob("*.json"),
+                                                          key=lambda f: int(f.stem))]  # fmt: skip
 
     def finish(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
