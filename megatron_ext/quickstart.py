@@ -1,6 +1,8 @@
 """`megatron-ext quickstart`: the whole pipeline on the bundled Finnish sample, in one run dir.
 
-Steps: train a tokenizer, preprocess the sample into an indexed dataset, inspect it, train a
+Steps: curate the sample (`megatron-ext curate`: deduplication, quality and language filters, PII
+masking, decontamination against the bundled tasks), train a tokenizer on what it keeps,
+preprocess that into an indexed dataset, inspect it, train a
 tiny BLOOM with tensor parallelism (TP=2 over two local processes) in two legs (the second
 resumes the first's checkpoint) and plot `loss_curve.png`; convert the checkpoint to Hugging
 Face (`hf/`, with the tokenizer), measure its perplexity (`megatron-ext evaluate`, TP=2), run
@@ -89,18 +91,33 @@ def run(args: argparse.Namespace) -> int:
     go_offline()  # nothing here downloads; make sure transformers/datasets never try
     run_dir = Path(args.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    corpus = str(sample_corpus_path())
+    curated = run_dir / "curated"
     tok_dir = run_dir / "tokenizer"
     prefix = run_dir / "data" / "fi_sample"
 
+    def curate_step() -> dict:
+        import shutil
+
+        from megatron_ext.curate import config, pipeline
+
+        shutil.rmtree(curated, ignore_errors=True)  # left by a run stopped before its marker
+        report = pipeline.curate([str(sample_corpus_path())], str(curated), config.load(None),
+                                 workers=args.workers)  # fmt: skip
+        print(pipeline.report_table(report))
+        keys = ("documents", "kept", "removed_by_step", "pii_masked")
+        return {**{k: report[k] for k in keys}, "report": str(curated / "report.md")}
+
+    def corpus() -> list[str]:
+        return [str(p) for p in sorted((curated / "kept").glob("*.jsonl"))]
+
     def tokenizer_step() -> dict:
-        train_tokenizer([corpus], args.vocab_size, tok_dir, kind="bpe")
+        train_tokenizer(corpus(), args.vocab_size, tok_dir, kind="bpe")
         return {"tokenizer": str(tok_dir)}
 
     def preprocess_step() -> dict:
         summary = preprocess(
             PreprocessConfig(
-                inputs=[corpus],
+                inputs=corpus(),
                 output_prefix=str(prefix),
                 tokenizer=str(tok_dir),
                 workers=args.workers,
@@ -157,6 +174,7 @@ def run(args: argparse.Namespace) -> int:
         return generate(hf_dir, PROMPT)
 
     results = {
+        "curate": _step(run_dir, "curate", curate_step),
         "tokenizer": _step(run_dir, "tokenizer", tokenizer_step),
         "preprocess": _step(run_dir, "preprocess", preprocess_step),
         "dataset": describe(IndexedDataset(prefix)),
@@ -167,6 +185,9 @@ def run(args: argparse.Namespace) -> int:
         "generate": _step(run_dir, "generate", generate_step),
     }
     (run_dir / "summary.json").write_text(json.dumps(results, indent=2, ensure_ascii=False))
+    c = results["curate"]
+    removed = ", ".join(f"{k} {v}" for k, v in c["removed_by_step"].items())
+    print(f"curated: {c['kept']} of {c['documents']} documents kept ({removed}); {c['report']}")
     info = results["dataset"]
     print(
         f"dataset {prefix}: {info['documents']:,} documents, {info['tokens']:,} tokens ({info['dtype']})"

@@ -18,7 +18,14 @@ def test_quickstart_runs_and_continues(tmp_path):
     assert first.returncode == 0, first.stderr
     summary = json.loads((run_dir / "summary.json").read_text())
     ds = IndexedDataset(summary["preprocess"]["prefix"])
-    assert ds.num_documents == summary["dataset"]["documents"] > 100
+    # curated first: what it keeps is what the tokenizer and the dataset are made of
+    cur = summary["curate"]
+    assert cur["documents"] == 201 and ds.num_documents == summary["dataset"]["documents"]
+    assert (
+        ds.num_documents == cur["kept"] == cur["documents"] - sum(cur["removed_by_step"].values())
+    )
+    assert cur["removed_by_step"]["decontaminate"] > 0  # the bundled tasks come from the sample
+    assert (run_dir / "curated" / "report.md").is_file() and "curated:" in first.stdout
     tok = load_tokenizer(run_dir / "tokenizer")
     text = tok.decode(ds.document(0)[:-1])
     assert any(ch in text for ch in "äö")  # Finnish text came through
@@ -57,6 +64,15 @@ def test_quickstart_runs_and_continues(tmp_path):
 
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0
-    for step in ("tokenizer", "preprocess", "train", "convert", "perplexity", "eval", "generate"):
+    for step in (
+        "curate",
+        "tokenizer",
+        "preprocess",
+        "train",
+        "convert",
+        "perplexity",
+        "eval",
+        "generate",
+    ):
         assert f"step {step}: already done" in second.stderr
     assert json.loads((run_dir / "summary.json").read_text())["eval"] == summary["eval"]

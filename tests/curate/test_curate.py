@@ -219,3 +219,30 @@ def test_output_is_the_same_with_workers_ranks_and_after_a_resume(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "scan: 4 of 4 units already done" in proc.stderr
     _same_output(one, resumed)
+
+
+def test_inputs_of_every_kind_and_strict_stops_at_the_first_bad_record(tmp_path):
+    zstandard = pytest.importorskip("zstandard")
+    docs = [_finnish(i) for i in range(6)]
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "page.txt").write_text(docs[0])  # a .txt file is one document
+    with gzip.open(tmp_path / "in" / "a.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.writelines(json.dumps({"text": d}) + "\n" for d in docs[1:3])
+    rows = "".join(json.dumps({"text": d}) + "\n" for d in docs[3:5]) + '{"txt": "no text"}\n'
+    (tmp_path / "in" / "b.jsonl.zst").write_bytes(zstandard.compress(rows.encode()))
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "c.jsonl").write_text(json.dumps({"text": docs[5]}) + "\n")
+    cfg = curate_config.CurateConfig()
+    inputs = [str(tmp_path / "in"), str(tmp_path / "oth*" / "*.jsonl")]
+    report = curate(inputs, str(tmp_path / "out"), cfg)
+    per_source = {
+        Path(k).name: v["documents"] for k, v in report["steps"]["read"]["per_source"].items()
+    }
+    assert per_source == {"page.txt": 1, "a.jsonl.gz": 2, "b.jsonl.zst": 2, "c.jsonl": 1}
+    assert report["skipped_records"] == {"no non-empty string 'text'": 1}
+
+    with pytest.raises(
+        UserError, match=r"b\.jsonl\.zst:3: no non-empty string 'text' \(--strict\)"
+    ):
+        curate(inputs, str(tmp_path / "strict"), cfg, strict=True)
+    assert not (tmp_path / "strict").exists()
