@@ -137,6 +137,7 @@ def curate(
     work.run_phase("near", buckets, _near, run)
     work.run_phase("cluster", [0], _cluster, run)
     work.run_phase("final", parts, _final, run)
+    work.end()
     if rank != 0:
         return None
     report = _report(run, time.perf_counter() - started, world * workers)

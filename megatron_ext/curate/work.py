@@ -151,8 +151,21 @@ class Work:
 
     def rank_records(self) -> list[dict]:
         """Each rank's host and the units it did in this attempt."""
-        return [json.loads(f.read_text()) for f in sorted(self.path("ranks").glob("*.json"),
-                                                          key=lambda f: int(f.stem))]  # fmt: skip
+        files = [self.path("ranks", f"{r}.json") for r in range(self.world)]
+        return [json.loads(f.read_text()) for f in files if f.exists()]
+
+    def end(self) -> None:
+        """Every rank is past the last phase (rank 0 waits for that before it removes the work
+        directory, which the others poll)."""
+        if self.world == 1:
+            return
+        write_atomic(self.path("ends", str(self.rank)), b"")
+        if self.rank == 0:
+            ends = [self.path("ends", str(r)) for r in range(1, self.world)]
+            self._wait(
+                lambda: all(e.exists() and e.stat().st_mtime >= self.started - 1 for e in ends),
+                "the other ranks to finish",
+            )
 
     def finish(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
