@@ -38,6 +38,11 @@ class NearDedupConfig:
     num_perm: int = 128  # MinHash permutations
     bands: int = 16  # LSH bands (num_perm / bands rows each)
     threshold: float = 0.8  # estimated Jaccard similarity of a duplicate pair
+    # true: a pair sharing a band is a duplicate only if its signatures' estimated Jaccard is at
+    # least `threshold`; false: any shared band makes a duplicate (datatrove's and most LSH
+    # pipelines' rule: an effective threshold of (1/bands)^(1/rows), 0.71 at 16 x 8, and pairs
+    # far below it joined too: see benchmarks/results/curate_datatrove.md)
+    verify: bool = True
     seed: int = 1
 
 

@@ -96,14 +96,18 @@ def candidate_groups(entries: np.ndarray) -> list[np.ndarray]:
     return [e[s : s + k, 2] for s, k in zip(starts, sizes, strict=True) if k > 1]
 
 
-def verified_edges(groups: list[np.ndarray], lookup, threshold: float) -> np.ndarray:
+def verified_edges(groups: list[np.ndarray], lookup, threshold: float | None) -> np.ndarray:
     """[m, 2] uint64 duplicate pairs (earlier, later) from candidate GROUPS: in key order, a
     document is compared with the group's documents that matched nothing earlier, and joined to
     the first whose estimated Jaccard similarity is at least THRESHOLD. LOOKUP(keys) gives the
-    signatures of sorted unique document keys."""
+    signatures of sorted unique document keys. THRESHOLD None: every document of a group is
+    joined to its first (no verification)."""
     edges: list[tuple[int, int]] = []
     if not groups:
         return np.zeros((0, 2), dtype=np.uint64)
+    if threshold is None:
+        pairs = [np.stack([np.full(len(g) - 1, g[0]), g[1:]], axis=1) for g in groups]
+        return np.concatenate(pairs).astype(np.uint64)
     members = np.unique(np.concatenate(groups))
     sigs = lookup(members)
     for group in groups:
@@ -153,7 +157,8 @@ def near_duplicates(texts: list[str], cfg) -> dict[int, int]:
     sigs = np.stack([signature(t, cfg) for t in texts])
     gs = np.arange(len(texts), dtype=np.uint64)
     groups = candidate_groups(band_entries(band_keys(sigs, cfg.bands), gs))
-    edges = verified_edges(groups, lambda keys: sigs[keys.astype(np.int64)], cfg.threshold)
+    threshold = cfg.threshold if cfg.verify else None
+    edges = verified_edges(groups, lambda keys: sigs[keys.astype(np.int64)], threshold)
     return {int(r): int(k) for r, k in clusters(edges)}
 
 

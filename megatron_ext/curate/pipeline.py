@@ -311,7 +311,7 @@ def _near(run: Run, bucket: int) -> None:
         batch.append(group)
         size += len(group)
         if size >= SIGNATURE_BATCH or i == len(groups) - 1:
-            edges.append(dedup.verified_edges(batch, lookup, n.threshold))
+            edges.append(dedup.verified_edges(batch, lookup, n.threshold if n.verify else None))
             batch, size = [], 0
     rows = np.unique(np.concatenate(edges), axis=0) if edges else np.zeros((0, 2), np.uint64)
     save_array(run.path("near", f"edges-{bucket}.npy"), rows)

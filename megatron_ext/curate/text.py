@@ -13,16 +13,25 @@ BULLET = re.compile(r"^\s*[-*•·–▪●◦]\s")
 
 
 def normalise(text: str, cfg) -> str:
-    if cfg.fix_mojibake:
+    if cfg.fix_mojibake and _has_mojibake(text):
         import ftfy
 
-        text = ftfy.fix_text(text, normalization="NFC" if cfg.nfc else None)
+        # its other defaults would change clean text (curly quotes made straight in 77% of the
+        # manual's pages: benchmarks/results/curate_libraries.md)
+        text = ftfy.fix_text(text, normalization="NFC" if cfg.nfc else None, uncurl_quotes=False)
     elif cfg.nfc:
         text = unicodedata.normalize("NFC", text)
     if cfg.whitespace:
         lines = [line.rstrip() for line in text.strip().split("\n")]
         text = re.sub(r"\n{3,}", "\n\n", "\n".join(lines))
     return text
+
+
+def _has_mojibake(text: str) -> bool:
+    """ftfy's own test for text that needs repair (2-4x faster than repairing every text)."""
+    from ftfy.badness import is_bad
+
+    return is_bad(text)
 
 
 def words(text: str) -> list[str]:

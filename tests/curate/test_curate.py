@@ -82,6 +82,11 @@ def test_near_duplicates_cluster_and_keep_the_first():
     trimmed = base[: int(len(base) * 0.5)]  # half the text: Jaccard ~0.5, not a duplicate
     docs = [" ".join(base), _finnish(4, 300), " ".join(swapped), " ".join(trimmed)]
     assert dedup.near_duplicates(docs, curate_config.NearDedupConfig()) == {2: 0}
+    # 70% of the text (Jaccard 0.70) shares an LSH band with the whole: a duplicate only when
+    # candidates are not verified against the threshold (datatrove's rule)
+    pair = [" ".join(base), " ".join(base[: int(len(base) * 0.7)])]
+    assert dedup.near_duplicates(pair, curate_config.NearDedupConfig()) == {}
+    assert dedup.near_duplicates(pair, curate_config.NearDedupConfig(verify=False)) == {1: 0}
 
 
 def _write_corpus(path, docs: list[str]) -> None:
@@ -246,3 +251,17 @@ def test_inputs_of_every_kind_and_strict_stops_at_the_first_bad_record(tmp_path)
     ):
         curate(inputs, str(tmp_path / "strict"), cfg, strict=True)
     assert not (tmp_path / "strict").exists()
+
+
+def test_normalise_repairs_mojibake_and_leaves_clean_text_alone():
+    cfg = curate_config.NormaliseConfig()
+    clean = "Tämä sivu kertoo ”suotimista” – ja ’valinnoista’.\n\n\n\nLoppu.  "
+    assert text.normalise(clean, cfg) == clean.replace("\n\n\n\n", "\n\n").rstrip()
+    broken = "Tämä sivu kertoo suotimista ja työkaluista.".encode().decode("latin-1")
+    assert (
+        "Ã¤" in broken
+        and text.normalise(broken, cfg) == "Tämä sivu kertoo suotimista ja työkaluista."
+    )
+    assert text.normalise("a\u0308iti", cfg) == "äiti"  # NFC
+    off = curate_config.NormaliseConfig(fix_mojibake=False)
+    assert text.normalise(broken, off) == broken
