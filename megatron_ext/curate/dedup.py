@@ -83,17 +83,20 @@ def band_entries(keys: np.ndarray, gs: np.ndarray) -> np.ndarray:
     return np.stack([band.ravel(), keys.ravel(), g.ravel()], axis=1)
 
 
-def candidate_groups(entries: np.ndarray) -> list[np.ndarray]:
-    """The documents (sorted keys) of each band bucket holding more than one: LSH candidates."""
+def candidate_groups(entries: np.ndarray):
+    """Yield the documents (sorted keys) of each band bucket holding more than one: the LSH
+    candidates (one array at a time: the groups are not all held)."""
     if len(entries) == 0:
-        return []
-    order = np.lexsort((entries[:, 2], entries[:, 1], entries[:, 0]))
-    e = entries[order]
+        return
+    e = entries[np.lexsort((entries[:, 2], entries[:, 1], entries[:, 0]))]
     new = np.ones(len(e), dtype=bool)
     new[1:] = (e[1:, 0] != e[:-1, 0]) | (e[1:, 1] != e[:-1, 1])
     starts = np.flatnonzero(new)
     sizes = np.diff(np.append(starts, len(e)))
-    return [e[s : s + k, 2] for s, k in zip(starts, sizes, strict=True) if k > 1]
+    keys = np.ascontiguousarray(e[:, 2])
+    del e, new
+    for s, k in zip(starts[sizes > 1].tolist(), sizes[sizes > 1].tolist(), strict=True):
+        yield keys[s : s + k]
 
 
 def verified_edges(groups: list[np.ndarray], lookup, threshold: float | None) -> np.ndarray:
@@ -125,28 +128,28 @@ def verified_edges(groups: list[np.ndarray], lookup, threshold: float | None) ->
 
 def clusters(edges: np.ndarray) -> np.ndarray:
     """[m, 2] uint64 rows (removed document, the document kept for it), sorted: the connected
-    components of EDGES, each keeping its earliest document."""
+    components of EDGES, each keeping its earliest document. Arrays only (label propagation
+    with pointer jumping): about 40 bytes per edge."""
     if len(edges) == 0:
         return np.zeros((0, 2), dtype=np.uint64)
     nodes, idx = np.unique(edges, return_inverse=True)
-    idx = idx.reshape(-1, 2)
-    parent = np.arange(len(nodes))
-
-    def find(i: int) -> int:
-        root = i
-        while parent[root] != root:
-            root = parent[root]
-        while parent[i] != root:
-            parent[i], i = root, parent[i]
-        return root
-
-    for a, b in idx.tolist():
-        ra, rb = find(a), find(b)
-        if ra != rb:  # nodes are sorted: the smaller index is the earlier document
-            parent[max(ra, rb)] = min(ra, rb)
-    roots = np.fromiter((find(i) for i in range(len(nodes))), dtype=np.int64, count=len(nodes))
-    removed = np.flatnonzero(roots != np.arange(len(nodes)))
-    return np.stack([nodes[removed], nodes[roots[removed]]], axis=1)
+    a, b = idx.reshape(-1, 2).T.astype(np.int64)
+    del idx
+    label = np.arange(len(nodes))  # nodes are sorted: the smallest label is the earliest document
+    while True:
+        low = np.minimum(label[a], label[b])
+        before = label.copy()
+        np.minimum.at(label, a, low)
+        np.minimum.at(label, b, low)
+        while True:  # every node points at its label's label, until that is a root
+            jumped = label[label]
+            if np.array_equal(jumped, label):
+                break
+            label = jumped
+        if np.array_equal(label, before):
+            break
+    removed = np.flatnonzero(label != np.arange(len(nodes)))
+    return np.stack([nodes[removed], nodes[label[removed]]], axis=1)
 
 
 def near_duplicates(texts: list[str], cfg) -> dict[int, int]:
@@ -156,7 +159,7 @@ def near_duplicates(texts: list[str], cfg) -> dict[int, int]:
         return {}
     sigs = np.stack([signature(t, cfg) for t in texts])
     gs = np.arange(len(texts), dtype=np.uint64)
-    groups = candidate_groups(band_entries(band_keys(sigs, cfg.bands), gs))
+    groups = list(candidate_groups(band_entries(band_keys(sigs, cfg.bands), gs)))
     threshold = cfg.threshold if cfg.verify else None
     edges = verified_edges(groups, lambda keys: sigs[keys.astype(np.int64)], threshold)
     return {int(r): int(k) for r, k in clusters(edges)}

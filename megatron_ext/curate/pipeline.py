@@ -304,16 +304,16 @@ def _near(run: Run, bucket: int) -> None:
     """Bucket BUCKET's verified near-duplicate pairs."""
     timer, n = Timer(), run.cfg.near_dedup
     entries = load_arrays(_bucket_files(run, "judge", "bands", bucket), 3)
-    groups = dedup.candidate_groups(entries)
-    del entries
     lookup, edges, batch, size = _Signatures(run), [], [], 0
-    for i, group in enumerate(groups):
+    threshold = n.threshold if n.verify else None
+    for group in dedup.candidate_groups(entries):
         batch.append(group)
         size += len(group)
-        if size >= SIGNATURE_BATCH or i == len(groups) - 1:
-            edges.append(dedup.verified_edges(batch, lookup, n.threshold if n.verify else None))
+        if size >= SIGNATURE_BATCH:
+            edges.append(dedup.verified_edges(batch, lookup, threshold))
             batch, size = [], 0
-    rows = np.unique(np.concatenate(edges), axis=0) if edges else np.zeros((0, 2), np.uint64)
+    edges.append(dedup.verified_edges(batch, lookup, threshold))
+    rows = np.unique(np.concatenate(edges), axis=0)
     save_array(run.path("near", f"edges-{bucket}.npy"), rows)
     timer.lap("near_dedup")
     timer.save(run, "near", bucket)
