@@ -23,8 +23,9 @@ class NormaliseConfig:
 class ExactDedupConfig:
     enabled: bool = True  # documents whose normalised text is identical: the first kept
     lines: bool = True  # CCNet-style boilerplate removal of repeated lines
-    # a line (stripped, at least min_line_chars long) found in more than this many documents is
-    # boilerplate (menus, cookie banners, "Tämä sivu ...") and removed from every document
+    # a line (stripped, at least min_line_chars long) found in more than this many distinct
+    # documents (texts) is boilerplate (menus, cookie banners, "Tämä sivu ...") and removed
+    # from every document
     max_line_documents: int = 10
     min_line_chars: int = 10
     # a document left with fewer than this share of its characters is removed as boilerplate

@@ -100,7 +100,20 @@ class Timer:
         write_atomic(run.path("times", f"{phase}.{unit}.json"), json.dumps(self.seconds).encode())
 
 
-def make_plan(inputs: list[str], cfg: CurateConfig, strict: bool) -> dict:
+WORK_FORMAT = 1  # the layout of the work directory's files (a resume across versions starts over)
+
+
+def make_plan(inputs: list[str], out: Path, cfg: CurateConfig, strict: bool) -> dict:
+    """What a run does: its inputs (with sizes and times), parts, buckets, config and evaluation
+    data. The same plan in the work directory is resumed; another one starts over."""
+    import megatron_ext
+
+    for spec in inputs:
+        if Path(spec).is_dir() and out.resolve().is_relative_to(Path(spec).resolve()):
+            raise UserError(
+                f"--output {out} lies inside the input directory {spec}: its files would be "
+                "read as input; give an output directory elsewhere"
+            )
     paths = expand_inputs(inputs)
     total = check_inputs(paths)
     if len(paths) >= 1 << (63 - dedup.LINE_BITS):
@@ -108,8 +121,18 @@ def make_plan(inputs: list[str], cfg: CurateConfig, strict: bool) -> dict:
     n_parts = min(len(paths), max(1, math.ceil(total / (cfg.part_mb * 2**20))))
     index = {p: i for i, p in enumerate(paths)}
     parts = [[index[p] for p in group] for group in split_contiguous(paths, n_parts) if group]
+    stats = [os.stat(p) for p in paths]
+    tasks = []
+    if cfg.decontaminate.enabled:
+        for d in _task_dirs(cfg):
+            tasks += [[str(f), f.stat().st_size, f.stat().st_mtime_ns]
+                      for f in sorted(Path(d).rglob("*")) if f.is_file()]  # fmt: skip
     return {
+        "format": WORK_FORMAT,
+        "version": megatron_ext.__version__,
         "inputs": paths,
+        "input_files": [[st.st_size, st.st_mtime_ns] for st in stats],
+        "task_files": tasks,
         "input_bytes": total,
         "parts": parts,
         "buckets": max(1, math.ceil(total / (cfg.bucket_mb * 2**20))),
@@ -126,21 +149,38 @@ def curate(
     if out.exists():
         raise UserError(f"{out} exists: give a new --output directory (nothing was written)")
     started = time.perf_counter()
-    rank, world = ranks()
-    work = Work(out.with_name(out.name + ".work"), rank, world, workers)
-    plan = work.agree_on_plan(make_plan(inputs, cfg, strict))
+    rank, world, attempt = ranks()
+    work = Work(out.with_name(out.name + ".work"), rank, world, workers, attempt)
+    try:
+        return _curate(work, inputs, out, cfg, strict, started)
+    except BaseException as exc:
+        work.fail(exc)
+        raise
+
+
+def _curate(
+    work: Work, inputs: list[str], out: Path, cfg: CurateConfig, strict: bool, started: float
+) -> dict | None:
+    plan = make_plan(inputs, out, cfg, strict)
+    if work.rank == 0:  # left by an attempt stopped while writing the output
+        for old in out.parent.glob(f"{out.name}.tmp-*"):
+            shutil.rmtree(old, ignore_errors=True)
+    work.agree_on_plan(plan)
     run = Run(str(work.root), plan, cfg)
     parts, buckets = range(len(plan["parts"])), range(plan["buckets"])
     work.run_phase("scan", parts, _scan, run)
+    read = [json.loads(run.path("scan", p, "read.json").read_text()) for p in parts]
+    if not sum(r["documents"] for r in read):
+        raise UserError(f"{', '.join(inputs)}: no document to curate (the work is in {work.root})")
     work.run_phase("exact", buckets, _exact, run)
     work.run_phase("judge", parts, _judge, run)
     work.run_phase("near", buckets, _near, run)
     work.run_phase("cluster", [0], _cluster, run)
     work.run_phase("final", parts, _final, run)
     work.end()
-    if rank != 0:
+    if work.rank != 0:
         return None
-    report = _report(run, time.perf_counter() - started, world * workers)
+    report = _report(run, time.perf_counter() - started, work.world * work.workers)
     report["ranks"] = work.rank_records()
     _assemble(run, out, report)
     work.finish()
@@ -169,6 +209,9 @@ def _scan(run: Run, part: int) -> None:
                     continue
                 body = record[cfg.text_key]
                 record[cfg.text_key] = None  # the text is kept beside; its key keeps its place
+                if line > LINE_MASK:
+                    raise UserError(f"{path}:{line}: more than {LINE_MASK} lines in one file; "
+                                    "split it")  # fmt: skip
                 g = f << dedup.LINE_BITS | line
                 timer.lap("read")
                 normal = text.normalise(body, cfg.normalise) if cfg.normalise.enabled else body
@@ -186,7 +229,8 @@ def _scan(run: Run, part: int) -> None:
     ids.close()
     _save_buckets(run, "scan", part, "exact", np.frombuffer(exact, np.uint64).reshape(-1, 2))
     _save_buckets(run, "scan", part, "lines", np.frombuffer(lines, np.uint64).reshape(-1, 2))
-    write_atomic(run.path("scan", part, "skipped.json"), json.dumps(skipped).encode())
+    read = {"documents": len(exact) // 2, "skipped": skipped}
+    write_atomic(run.path("scan", part, "read.json"), json.dumps(read).encode())
     timer.save(run, "scan", part)
 
 
@@ -194,6 +238,11 @@ def _save_buckets(run: Run, phase: str, part: int, name: str, rows: np.ndarray, 
     bucket = rows[:, col] % np.uint64(run.plan["buckets"])
     for b in range(run.plan["buckets"]):
         save_array(run.path(phase, part, f"{name}-{b}.npy"), rows[bucket == b])
+
+
+def _bucket_outputs(run: Run, phase: str, name: str) -> list[Path]:
+    """Every bucket's file NAME of PHASE (listed, not globbed: a missing one is an error)."""
+    return [run.path(phase, f"{name}-{b}.npy") for b in range(run.plan["buckets"])]
 
 
 def _bucket_files(run: Run, phase: str, name: str, bucket: int) -> list[Path]:
@@ -231,9 +280,10 @@ def _judge(run: Run, part: int) -> None:
     """Part PART's documents with their exact duplicates and boilerplate lines removed, judged by
     the quality rules and the language score, and their MinHash band keys bucketed."""
     cfg, timer = run.cfg, Timer()
-    exact = run.rows_of_part(load_arrays(run.path("exact").glob("dups-*.npy"), 2), part)
+    exact = run.rows_of_part(load_arrays(_bucket_outputs(run, "exact", "dups"), 2), part)
     exact = dict(exact.tolist())
-    boilerplate = set(load_arrays(run.path("exact").glob("boilerplate-*.npy"), 1).ravel().tolist())
+    boilerplate = load_arrays(_bucket_outputs(run, "exact", "boilerplate"), 1)
+    boilerplate = set(boilerplate.ravel().tolist())
     judged = RecordWriter(run.path("judge", part, "docs.pkl"))
     signatures, keys = [], []
     timer.lap("other")
@@ -282,7 +332,7 @@ class _Signatures:
     """Signatures of sorted document keys, read from the parts' files (not kept in memory)."""
 
     def __init__(self, run: Run):
-        self.run, self.part_of_file, self.keys = run, run.part_of_file(), {}
+        self.run, self.part_of_file = run, run.part_of_file()
 
     def __call__(self, gs: np.ndarray) -> np.ndarray:
         out = np.zeros((len(gs), self.run.cfg.near_dedup.num_perm), dtype=np.uint32)
@@ -290,13 +340,14 @@ class _Signatures:
             [self.part_of_file[f] for f in (gs >> np.uint64(dedup.LINE_BITS)).tolist()]
         )
         for p in np.unique(parts).tolist():
-            if p not in self.keys:
-                self.keys[p] = np.load(self.run.path("judge", p, "keys.npy"))
             mine = parts == p
-            rows = np.searchsorted(self.keys[p], gs[mine])
+            keys = np.load(self.run.path("judge", p, "keys.npy"), mmap_mode="r")
+            rows = np.searchsorted(keys, gs[mine])
+            if not np.array_equal(keys[np.minimum(rows, len(keys) - 1)], gs[mine]):
+                raise RuntimeError(f"curate: part {p}'s signatures miss documents of a bucket")
             table = np.load(self.run.path("judge", p, "signatures.npy"), mmap_mode="r")
             out[mine] = table[rows]
-            del table  # unmapped: its pages leave this process
+            del table, keys  # unmapped: their pages leave this process
         return out
 
 
@@ -321,7 +372,7 @@ def _near(run: Run, bucket: int) -> None:
 
 def _cluster(run: Run, unit: int) -> None:
     timer = Timer()
-    edges = load_arrays(run.path("near").glob("edges-*.npy"), 2)
+    edges = load_arrays(_bucket_outputs(run, "near", "edges"), 2)
     save_array(run.path("near", "removed.npy"), dedup.clusters(edges))
     timer.lap("near_dedup")
     timer.save(run, "cluster", unit)
@@ -354,9 +405,9 @@ def _final(run: Run, part: int) -> None:
             if fate is None and language is not None:
                 fate = ("language", language, None)
             judged_chars = len(body)
+            counts = None
             if fate is None and cfg.pii.enabled:
                 body, counts = text.mask_pii(body, cfg.pii)
-                pii.update(counts)
                 timer.lap("pii")
             if fate is None and index:
                 hit = next((x for x in dedup.ngrams(body, cfg.decontaminate.ngram_words)
@@ -372,6 +423,7 @@ def _final(run: Run, part: int) -> None:
                 tally[step][source][0] += 1
                 tally[step][source][1] += c
             if fate is None:
+                pii.update(counts or {})  # the kept documents' masks
                 mixed_docs += mixed
                 record[cfg.text_key] = body
                 kept.write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -395,13 +447,16 @@ def _final(run: Run, part: int) -> None:
 _INDEX: dict = {}
 
 
+def _task_dirs(cfg: CurateConfig) -> list[str]:
+    bundled = str(Path(__file__).resolve().parents[1] / "assets" / "tasks")
+    return cfg.decontaminate.task_dirs or [bundled]
+
+
 def _contamination_index(cfg: CurateConfig) -> dict:
-    c = cfg.decontaminate
-    dirs = c.task_dirs or [str(Path(__file__).resolve().parents[1] / "assets" / "tasks")]
-    key = (tuple(dirs), c.ngram_words)
-    if key not in _INDEX:  # once per process
-        _INDEX[key] = dedup.contamination_index(dirs, c.ngram_words)
-    return _INDEX[key]
+    dirs, n = _task_dirs(cfg), cfg.decontaminate.ngram_words
+    if (tuple(dirs), n) not in _INDEX:  # once per process
+        _INDEX[tuple(dirs), n] = dedup.contamination_index(dirs, n)
+    return _INDEX[tuple(dirs), n]
 
 
 # ---------------------------------------------------------------- reading
@@ -446,7 +501,7 @@ def _report(run: Run, seconds: float, processes: int) -> dict:
                 tally[step][source][1] += chars
         pii.update(stats["pii"])
         mixed += stats["mixed"]
-        skipped.update(json.loads(run.path("scan", p, "skipped.json").read_text()))
+        skipped.update(json.loads(run.path("scan", p, "read.json").read_text())["skipped"])
     step_seconds: Counter = Counter()
     for f in sorted(run.path("times").glob("*.json")):
         step_seconds.update(json.loads(f.read_text()))
@@ -485,8 +540,6 @@ def _report(run: Run, seconds: float, processes: int) -> dict:
 def _assemble(run: Run, out: Path, report: dict) -> None:
     """The kept documents resharded by count, the removed ones in one file, and the report,
     written under a temporary name and renamed to OUT."""
-    if report["documents"] == 0:
-        raise UserError(f"{', '.join(report['inputs'])}: no document to curate")
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "kept").mkdir(parents=True)
@@ -531,7 +584,7 @@ def _write_removed(run: Run, path: Path) -> None:
                     row = json.loads(line)
                     if "matched_key" in row:
                         g = row.pop("matched_key")
-                        row["matched"] = ids.get(g) or run.where(g)
+                        row["matched"] = ids[g] if g in ids else run.where(g)
                     dst.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 

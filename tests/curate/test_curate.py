@@ -164,19 +164,44 @@ def _curate_cmd(inputs, out, cfg, *extra) -> list[str]:
             "--output", str(out), "--config", str(cfg), *extra]  # fmt: skip
 
 
-def _same_output(a, b) -> None:
+def _same_output(a, b, *also_ignored: str) -> None:
     files = sorted(p.relative_to(a) for p in a.rglob("*.jsonl"))
     assert files == sorted(p.relative_to(b) for p in b.rglob("*.jsonl"))
     for p in files:
         assert (a / p).read_bytes() == (b / p).read_bytes(), p
     ra, rb = (json.loads((d / "report.json").read_text()) for d in (a, b))
     for r in (ra, rb):
-        for k in ("seconds", "step_seconds", "processes", "ranks"):
+        for k in ("seconds", "step_seconds", "processes", "ranks", *also_ignored):
             del r[k]
     assert ra == rb
 
 
-def test_output_is_the_same_with_workers_ranks_and_after_a_resume(tmp_path):
+def _ranks(cmd: list[str], world: int, attempt: str, timeout: float = 120) -> list:
+    """CMD on WORLD ranks as srun/mpirun start them (torchrun's variables here): the processes'
+    return codes and outputs (all killed if one hangs)."""
+    procs = [
+        subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={
+                **os.environ,
+                "RANK": str(r),
+                "WORLD_SIZE": str(world),
+                "MEGATRON_EXT_CURATE_ATTEMPT": attempt,
+            },
+        )  # fmt: skip
+        for r in range(world)
+    ]
+    try:
+        return [(p.communicate(timeout=timeout)[0], p.returncode) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+
+
+def test_output_is_the_same_with_parts_workers_ranks_and_after_a_resume(tmp_path):
     inputs, cfg = _split_sample(tmp_path)
     one = tmp_path / "one"
     proc = subprocess.run(_curate_cmd(inputs, one, cfg), capture_output=True, text=True)
@@ -186,27 +211,27 @@ def test_output_is_the_same_with_workers_ranks_and_after_a_resume(tmp_path):
     assert report["parts"] == 4 and report["buckets"] >= 3
     assert not (tmp_path / "one.work").exists()
 
+    # the default config: one part, one bucket
+    whole = tmp_path / "whole"
+    default = tmp_path / "default.yaml"
+    default.write_text("{}\n")
+    proc = subprocess.run(_curate_cmd(inputs, whole, default), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((whole / "report.json").read_text())["buckets"] == 1
+    _same_output(one, whole, "parts", "buckets")
+
     two = tmp_path / "two"
     proc = subprocess.run(_curate_cmd(inputs, two, cfg, "--workers", "2"), capture_output=True,
                           text=True)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     _same_output(one, two)
 
-    # two ranks, as srun/mpirun start them (torchrun's variables here)
     ranked = tmp_path / "ranked"
-    procs = [
-        subprocess.Popen(
-            _curate_cmd(inputs, ranked, cfg),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env={**os.environ, "RANK": str(r), "WORLD_SIZE": "2"},
-        )  # fmt: skip
-        for r in (0, 1)
-    ]
-    logs = [p.communicate(timeout=120)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], logs
-    assert "documents kept" in logs[0] and "documents kept" not in logs[1]  # rank 0 writes
+    (log0, code0), (log1, code1) = _ranks(_curate_cmd(inputs, ranked, cfg), 2, "a1")
+    assert (code0, code1) == (0, 0), (log0, log1)
+    assert "documents kept" in log0 and "documents kept" not in log1  # rank 0 writes
+    ranks = json.loads((ranked / "report.json").read_text())["ranks"]
+    assert [r["rank"] for r in ranks] == [0, 1] and all(r["units"] > 0 for r in ranks)
     _same_output(one, ranked)
 
     # interrupted after the near-duplicate phase: nothing under the final name; resumed
@@ -216,14 +241,38 @@ def test_output_is_the_same_with_workers_ranks_and_after_a_resume(tmp_path):
                           env=env)  # fmt: skip
     assert proc.returncode == 9 and not resumed.exists()
     assert (tmp_path / "resumed.work" / "plan.json").exists()
-    changed = tmp_path / "changed.yaml"
-    changed.write_text(cfg.read_text() + "near_dedup: {threshold: 0.7}\n")
-    proc = subprocess.run(_curate_cmd(inputs, resumed, changed), capture_output=True, text=True)
-    assert proc.returncode != 0 and "another config" in proc.stderr and not resumed.exists()
     proc = subprocess.run(_curate_cmd(inputs, resumed, cfg), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "scan: 4 of 4 units already done" in proc.stderr
     _same_output(one, resumed)
+
+    # interrupted, then run with another config: the old work is not reused
+    changed = tmp_path / "changed"
+    env["MEGATRON_EXT_CURATE_EXIT_AFTER"] = "scan"
+    proc = subprocess.run(_curate_cmd(inputs, changed, cfg), capture_output=True, text=True,
+                          env=env)  # fmt: skip
+    assert proc.returncode == 9
+    other = tmp_path / "other.yaml"
+    other.write_text(cfg.read_text() + "quality: {enabled: false}\n")
+    proc = subprocess.run(_curate_cmd(inputs, changed, other), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "starting over" in proc.stderr and "already done" not in proc.stderr
+    assert "quality" not in json.loads((changed / "report.json").read_text())["removed_by_step"]
+
+
+def test_a_rank_that_fails_stops_the_others(tmp_path):
+    inputs, cfg = _split_sample(tmp_path)
+    with open(inputs / "s1.jsonl", "a") as f:  # part 1: rank 1's
+        f.write("{broken\n")
+    out = tmp_path / "out"
+    (log0, code0), (log1, code1) = _ranks(_curate_cmd(inputs, out, cfg, "--strict"), 2, "a2")
+    assert code0 != 0 and code1 != 0, (log0, log1)
+    assert "s1.jsonl:57: malformed JSON (--strict)" in log1
+    assert "rank 1 failed: " in log0 and "s1.jsonl:57" in log0
+    assert not out.exists()
+    inside = inputs / "curated"
+    proc = subprocess.run(_curate_cmd(inputs, inside, cfg), capture_output=True, text=True)
+    assert proc.returncode != 0 and "lies inside the input directory" in proc.stderr
 
 
 def test_inputs_of_every_kind_and_strict_stops_at_the_first_bad_record(tmp_path):
