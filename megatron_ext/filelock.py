@@ -77,3 +77,14 @@ class FileLock:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+
+
+def take_lock(path: Path) -> tuple[FileLock | None, str | None]:
+    """(the lock at PATH, held now, None) or (None, who holds it): no waiting."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(Path(path), poll_seconds=0.1, timeout=0, log_every=1e9)
+    try:
+        lock.__enter__()
+    except LockHeld:
+        return None, lock.holder()
+    return lock, None

@@ -102,9 +102,9 @@ class Work:
             self._wait(lambda: target.exists() and json.loads(target.read_text()) == plan,
                        f"{target} (rank 0 writes it)")  # fmt: skip
             return
-        from megatron_ext.training.checkpointing import take_run_lock
+        from megatron_ext.filelock import take_lock
 
-        self._lock, holder = take_run_lock(self.root)
+        self._lock, holder = take_lock(self.path(".run.lock"))
         if self._lock is None:
             raise UserError(f"{self.root} is in use by another curate run ({holder})")
         if target.exists():
@@ -283,10 +283,12 @@ class RecordWriter:
 
 
 def read_records(path: Path):
+    """The records of a RecordWriter's file, one pickle each (a fresh unpickler per record: the
+    writer's memo restarts at each record, and a shared one would resolve a record's references
+    to an earlier record's objects)."""
     with open(path, "rb") as f:
-        unpickler = pickle.Unpickler(f)
         while True:
             try:
-                yield unpickler.load()
+                yield pickle.load(f)
             except EOFError:
                 return

@@ -41,7 +41,7 @@ from megatron_ext.checkpoint_format import (  # noqa: F401 - also used as checkp
 )
 from megatron_ext.config import dump_yaml
 from megatron_ext.errors import UserError
-from megatron_ext.filelock import FileLock, LockHeld
+from megatron_ext.filelock import FileLock, take_lock
 from megatron_ext.log import get_logger
 from megatron_ext.parallel import distributed
 from megatron_ext.parallel.distributed import all_agree
@@ -411,13 +411,7 @@ def lock_run_dir(root: str) -> FileLock | None:
 
 def take_run_lock(root: str | Path) -> tuple[FileLock | None, str | None]:
     """(ROOT/.run.lock, held now, None) or (None, who holds it): no waiting, one process."""
-    Path(root).mkdir(parents=True, exist_ok=True)
-    lock = FileLock(Path(root) / RUN_LOCK, poll_seconds=0.1, timeout=0, log_every=1e9)
-    try:
-        lock.__enter__()
-    except LockHeld:
-        return None, lock.holder()
-    return lock, None
+    return take_lock(Path(root) / RUN_LOCK)
 
 
 def release_run_dir(lock: FileLock | None) -> None:

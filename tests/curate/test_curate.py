@@ -92,9 +92,9 @@ def test_near_duplicates_cluster_and_keep_the_first():
 def _write_corpus(path, docs: list[str]) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for i, d in enumerate(docs):
-            f.write(
-                json.dumps({"id": f"d{i}", "text": d, "url": f"u{i}"}, ensure_ascii=False) + "\n"
-            )
+            row = {"id": f"d{i}", "text": d, "url": f"u{i}"} | ({"title": f"t{i}"} if i % 2 else {})
+            row |= {"lang": "", "note": ""}  # records of two shapes, sharing objects inside
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def test_each_step_removes_what_it_should(tmp_path):
@@ -127,6 +127,11 @@ def test_each_step_removes_what_it_should(tmp_path):
     assert removed["d17"]["step"] == "exact_dedup" and removed["d17"]["matched"] == "d1"
     assert removed["d12"]["step"] == "near_dedup" and removed["d12"]["matched"] == "d0"
     assert "<PHONE>" in by_id["d16"]["text"] and by_id["d16"]["url"] == "u16"
+    for k in kept:  # every other field as it came, in its place (records spilled to disk)
+        i = int(k["id"][1:])
+        title = ["title"] if i % 2 else []
+        assert list(k) == ["id", "text", "url", *title, "lang", "note"] and k["url"] == f"u{i}"
+        assert k["lang"] == k["note"] == "" and k.get("title", f"t{i}") == f"t{i}"
     assert [k["id"] for k in kept] == sorted(by_id, key=lambda i: int(i[1:]))  # input order
     assert report["skipped_records"] == {"malformed JSON": 1} and report["pii_masked"] == {
         "phone": 1
