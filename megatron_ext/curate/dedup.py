@@ -4,8 +4,9 @@ clusters, and n-gram decontamination against evaluation data.
 The near-duplicate step is built from parts that work on arrays, so `pipeline` can run them per
 hash bucket with bounded memory (`near_duplicates` runs them on a list in memory):
 `signature` (rensa's MinHash of a document's word-shingles) -> `band_keys` (one 64-bit key per
-LSH band) -> `candidate_edges` (documents sharing a band key, verified by their estimated
-Jaccard similarity) -> `clusters` (connected components; the earliest document is kept).
+LSH band) -> `candidate_groups` (documents sharing a band key) -> `verified_edges` (pairs whose
+estimated Jaccard similarity reaches the threshold) -> `clusters` (connected components; the
+earliest document is kept).
 """
 
 from __future__ import annotations

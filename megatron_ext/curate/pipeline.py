@@ -16,8 +16,10 @@ again). Memory is bounded by the config, not by the corpus:
 - exact and line hashes and the MinHash band keys are written to hash buckets (one per
   `bucket_mb` of input), each bucket sorted on its own;
 - candidate pairs are verified with signatures read from disk in batches;
-- what the whole corpus shares is small: the hashes of boilerplate lines, and 16 bytes per
-  duplicate document (exact and near) for the cluster step.
+- duplicates (exact and near) are filed per input part, so a part's unit reads only its own;
+- what the whole corpus shares is small: the hashes of boilerplate lines, about 40 bytes per
+  duplicate document in the cluster step, and the ids of duplicated documents while removed/
+  is written.
 """
 
 from __future__ import annotations
@@ -74,13 +76,19 @@ class Run:
         path, line = self.source(g)
         return f"{path}:{line}"
 
-    def part_of_file(self) -> dict[int, int]:
-        return {f: p for p, files in enumerate(self.plan["parts"]) for f in files}
+    def parts_of(self, gs: np.ndarray) -> np.ndarray:
+        """The input part of each document key of GS."""
+        part_of_file = np.zeros(len(self.plan["inputs"]), dtype=np.int64)
+        for p, files in enumerate(self.plan["parts"]):
+            part_of_file[files] = p
+        return part_of_file[(gs >> np.uint64(dedup.LINE_BITS)).astype(np.int64)]
 
-    def rows_of_part(self, array_: np.ndarray, part: int) -> np.ndarray:
-        """The rows of ARRAY_ whose first column is a document of PART."""
-        files = np.asarray(self.plan["parts"][part], dtype=np.uint64)
-        return array_[np.isin(array_[:, 0] >> np.uint64(dedup.LINE_BITS), files)]
+    def save_by_part(self, rows: np.ndarray, phase: str, name: str) -> None:
+        """ROWS (first column: a document key) as one file per input part, PHASE/NAME-PART.npy,
+        so a part's unit reads only its own."""
+        parts = self.parts_of(rows[:, 0])
+        for p in range(len(self.plan["parts"])):
+            save_array(self.path(phase, f"{name}-{p}.npy"), rows[parts == p])
 
 
 class Timer:
@@ -100,7 +108,7 @@ class Timer:
         write_atomic(run.path("times", f"{phase}.{unit}.json"), json.dumps(self.seconds).encode())
 
 
-WORK_FORMAT = 1  # the layout of the work directory's files (a resume across versions starts over)
+WORK_FORMAT = 2  # the layout of the work directory's files (a resume across versions starts over)
 
 
 def make_plan(inputs: list[str], out: Path, cfg: CurateConfig, strict: bool) -> dict:
@@ -261,7 +269,7 @@ def _exact(run: Run, bucket: int) -> None:
         first[1:] = rows[1:, 0] != rows[:-1, 0]
         kept = rows[np.maximum.accumulate(np.where(first, np.arange(len(rows)), 0)), 1]
         dups = np.stack([rows[~first, 1], kept[~first]], axis=1)
-    save_array(run.path("exact", f"dups-{bucket}.npy"), dups)
+    run.save_by_part(dups, "exact", f"dups-{bucket}")
     timer.lap("exact_dedup")
     lines = load_arrays(_bucket_files(run, "scan", "lines", bucket), 2)  # (line, text digest)
     boilerplate = np.zeros(0, dtype=np.uint64)
@@ -280,8 +288,8 @@ def _judge(run: Run, part: int) -> None:
     """Part PART's documents with their exact duplicates and boilerplate lines removed, judged by
     the quality rules and the language score, and their MinHash band keys bucketed."""
     cfg, timer = run.cfg, Timer()
-    exact = run.rows_of_part(load_arrays(_bucket_outputs(run, "exact", "dups"), 2), part)
-    exact = dict(exact.tolist())
+    dups = [run.path("exact", f"dups-{b}-{part}.npy") for b in range(run.plan["buckets"])]
+    exact = dict(load_arrays(dups, 2).tolist())
     boilerplate = load_arrays(_bucket_outputs(run, "exact", "boilerplate"), 1)
     boilerplate = set(boilerplate.ravel().tolist())
     judged = RecordWriter(run.path("judge", part, "docs.pkl"))
@@ -332,13 +340,11 @@ class _Signatures:
     """Signatures of sorted document keys, read from the parts' files (not kept in memory)."""
 
     def __init__(self, run: Run):
-        self.run, self.part_of_file = run, run.part_of_file()
+        self.run = run
 
     def __call__(self, gs: np.ndarray) -> np.ndarray:
         out = np.zeros((len(gs), self.run.cfg.near_dedup.num_perm), dtype=np.uint32)
-        parts = np.asarray(
-            [self.part_of_file[f] for f in (gs >> np.uint64(dedup.LINE_BITS)).tolist()]
-        )
+        parts = self.run.parts_of(gs)
         for p in np.unique(parts).tolist():
             mine = parts == p
             keys = np.load(self.run.path("judge", p, "keys.npy"), mmap_mode="r")
@@ -373,7 +379,7 @@ def _near(run: Run, bucket: int) -> None:
 def _cluster(run: Run, unit: int) -> None:
     timer = Timer()
     edges = load_arrays(_bucket_outputs(run, "near", "edges"), 2)
-    save_array(run.path("near", "removed.npy"), dedup.clusters(edges))
+    run.save_by_part(dedup.clusters(edges), "near", "removed")
     timer.lap("near_dedup")
     timer.save(run, "cluster", unit)
 
@@ -382,8 +388,7 @@ def _final(run: Run, part: int) -> None:
     """Part PART's fates: near duplicates, quality, language, PII masking, decontamination; kept
     and removed documents written, documents and characters tallied after each step."""
     cfg, timer = run.cfg, Timer()
-    near = run.rows_of_part(np.load(run.path("near", "removed.npy")), part)
-    near = dict(near.tolist())
+    near = dict(np.load(run.path("near", f"removed-{part}.npy")).tolist())
     index = _contamination_index(cfg) if cfg.decontaminate.enabled else {}
     tally: dict = {s: defaultdict(lambda: [0, 0]) for s in STEPS}
     pii: Counter = Counter()
