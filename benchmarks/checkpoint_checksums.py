@@ -24,25 +24,15 @@ import os
 import platform
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import append_record  # noqa: E402
+from common import append_record, best  # noqa: E402
 
 from megatron_ext import checkpoint_format  # noqa: E402
-
-
-def _best(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,8 +66,8 @@ def main(argv: list[str] | None = None) -> int:
                    for name, sd in zip(names, states, strict=True)}  # fmt: skip
         checkpoint_format.write_manifest(work / "ours", written)
 
-    t_save_plain = _best(save_plain, args.repeats)
-    t_save_ours = _best(save_ours, args.repeats)
+    t_save_plain = best(save_plain, args.repeats)
+    t_save_ours = best(save_ours, args.repeats)
     manifest = checkpoint_format.Manifest(work / "ours")
     nbytes = sum(m["size"] for m in manifest.files.values())
 
@@ -94,9 +84,9 @@ def main(argv: list[str] | None = None) -> int:
 
     load_plain()  # warm the page cache for both
     load_ours()
-    t_load_plain = _best(load_plain, args.repeats)
-    t_load_ours = _best(load_ours, args.repeats)
-    t_verify = _best(verify_only, args.repeats)
+    t_load_plain = best(load_plain, args.repeats)
+    t_load_ours = best(load_ours, args.repeats)
+    t_verify = best(verify_only, args.repeats)
     gb = nbytes / 1e9
     rows = [
         ("save", t_save_plain, t_save_ours),

@@ -37,3 +37,15 @@ def finish(lines: list[str], script: str, record: str | None, argv: list[str] | 
     print(text)
     if record:
         append_record(record, script, sys.argv[1:] if argv is None else argv, text)
+
+
+def best(fn, repeats: int) -> float:
+    """The fastest wall time of REPEATS calls of FN."""
+    import time
+
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)

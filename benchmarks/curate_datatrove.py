@@ -62,6 +62,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 from common import finish  # noqa: E402
+from curate_neardup import jaccard, variant  # noqa: E402
 
 from megatron_ext.curate import dedup  # noqa: E402
 from megatron_ext.curate.config import NearDedupConfig  # noqa: E402
@@ -69,34 +70,6 @@ from megatron_ext.curate.text import words  # noqa: E402
 from megatron_ext.demo import gimp_corpus  # noqa: E402
 
 POSITIVE, NEGATIVE = 0.85, 0.75
-
-
-def shingles(text: str, n: int) -> set[str]:
-    ws = [w.lower() for w in words(text)]
-    return {" ".join(ws[k : k + n]) for k in range(max(1, len(ws) - n + 1))}
-
-
-def jaccard(a: str, b: str, n: int) -> float:
-    x, y = shingles(a, n), shingles(b, n)
-    return len(x & y) / len(x | y)
-
-
-def variant(base: str, other: str, rng: random.Random) -> str:
-    """As `curate_neardup.variant`: adjacent words swapped, sentences dropped or added."""
-    sentences = [s for s in base.replace("\n", " ").split(". ") if s]
-    kind = rng.choice(["swap", "drop", "add"])
-    if kind == "swap":
-        ws = base.split()
-        for _ in range(rng.randint(1, max(1, len(ws) // 15))):
-            k = rng.randrange(len(ws) - 1)
-            ws[k], ws[k + 1] = ws[k + 1], ws[k]
-        return " ".join(ws)
-    if kind == "drop":
-        keep = [s for s in sentences if rng.random() > rng.uniform(0.02, 0.5)]
-        return ". ".join(keep or sentences[:1])
-    extra = [s for s in other.replace("\n", " ").split(". ") if s]
-    added = rng.sample(extra, min(len(extra), rng.randint(1, max(1, len(sentences) // 2))))
-    return ". ".join(sentences + added)
 
 
 def manual_pages(input_dir: str) -> list[str]:

@@ -67,7 +67,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # megatron_ext, uninstalled
 
-from common import finish  # noqa: E402
+from common import best, finish  # noqa: E402
+from curate_neardup import shingles, variant  # noqa: E402
 
 from megatron_ext.curate.text import words  # noqa: E402
 from megatron_ext.demo.gimp_corpus import (  # noqa: E402
@@ -110,16 +111,6 @@ def available(module: str, dist: str | None = None) -> str | None:
     return importlib.metadata.version(dist or module)
 
 
-def best(fn, repeat: int) -> float:
-    """Fastest wall time of REPEAT calls of FN."""
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
-
-
 def html_texts(directory: str) -> list[str] | None:
     try:
         return [d["text"] for d in iter_html_documents(HtmlCorpusConfig(input_dir=directory))]
@@ -144,31 +135,6 @@ def mb(texts) -> float:
 
 
 # ---------------------------------------------------------------- MinHash
-
-
-def shingles(text: str, n: int) -> set[str]:
-    """Lower-cased word N-grams joined by spaces (as megatron_ext.curate.dedup makes them)."""
-    ws = [w.lower() for w in words(text)]
-    return {" ".join(ws[k : k + n]) for k in range(max(1, len(ws) - n + 1))}
-
-
-def variant(base: str, other: str, rng: random.Random) -> str:
-    """A planted near-duplicate of BASE (as in benchmarks/curate_neardup.py): adjacent words
-    swapped, sentences dropped, or sentences of OTHER added."""
-    sentences = [s for s in base.replace("\n", " ").split(". ") if s]
-    kind = rng.choice(["swap", "drop", "add"])
-    if kind == "swap":
-        ws = base.split()
-        for _ in range(rng.randint(1, max(1, len(ws) // 15))):
-            k = rng.randrange(len(ws) - 1)
-            ws[k], ws[k + 1] = ws[k + 1], ws[k]
-        return " ".join(ws)
-    if kind == "drop":
-        keep = [s for s in sentences if rng.random() > rng.uniform(0.02, 0.5)]
-        return ". ".join(keep or sentences[:1])
-    extra = [s for s in other.replace("\n", " ").split(". ") if s]
-    added = rng.sample(extra, min(len(extra), rng.randint(1, max(1, len(sentences) // 2))))
-    return ". ".join(sentences + added)
 
 
 def signers(versions: dict) -> dict:

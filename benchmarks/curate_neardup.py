@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # megatron_ext, uninstalled
 
 from common import finish  # noqa: E402
 
@@ -32,8 +33,8 @@ from megatron_ext.demo.gimp_corpus import sample_corpus_path  # noqa: E402
 
 
 def shingles(text: str, n: int) -> set[str]:
-    ws = [w.lower() for w in words(text)]
-    return {" ".join(ws[k : k + n]) for k in range(max(1, len(ws) - n + 1))}
+    """The step's own shingles (lower-cased word N-grams), as a set."""
+    return set(dedup.shingles(text, n))
 
 
 def jaccard(a: str, b: str, n: int) -> float:
